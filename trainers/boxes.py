@@ -113,7 +113,7 @@ def _contour_results(contours, counts, origins, gt_boxes, width, height, iou_all
     """Fill the per-map results of the maps that have contours, in one vectorised pass."""
     lengths = np.array(list(map(len, contours)), dtype=np.int64)
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-    points = np.concatenate(contours).reshape(-1, 2).astype(np.int64)
+    points = np.concatenate(contours).reshape(-1, 2)  # int32; products stay far below 2**31
     xs, ys = points[:, 0], points[:, 1]
 
     # Bounding rect of each contour, then the protocol's box: x0, y0, x + w, y + h clipped to W-1, H-1.
@@ -126,10 +126,10 @@ def _contour_results(contours, counts, origins, gt_boxes, width, height, iou_all
     boxes = np.stack([x_min, y_min, x_end, y_end], axis=1)
     best_iou = box_iou(boxes, gt_boxes).max(axis=1)  # (n_contours,)
 
-    # Twice the polygon area (shoelace), as cv2.contourArea measures it: exact in int64.
+    # Twice the polygon area (shoelace), as cv2.contourArea measures it: exact in integers.
     following = np.arange(1, len(xs) + 1)
     following[starts + lengths - 1] = starts
-    twice_area = np.abs(np.add.reduceat(xs * ys[following] - xs[following] * ys, starts))
+    twice_area = np.abs(np.add.reduceat((xs * ys[following] - xs[following] * ys).astype(np.int64), starts))
 
     group_starts = np.concatenate(([0], np.cumsum(counts[has])[:-1]))
     group_of = np.repeat(np.arange(len(group_starts)), counts[has])

@@ -111,11 +111,15 @@ def max_box_acc(
         iou_all, _, iou_largest = runner(maps, boxes)
     finally:
         runner.close()
-    ious = iou_all if multi_contour else iou_largest
+    return summarize_curves(iou_all if multi_contour else iou_largest, thresholds, deltas)
+
+
+def summarize_curves(ious: np.ndarray, thresholds: np.ndarray, deltas: Sequence[float]) -> dict:
+    """MaxBoxAcc per IoU threshold (percent) and its best CAM threshold, from (N, T) best IoUs."""
     result: dict = {}
     best: dict[float, float] = {}
     for delta in deltas:
-        accuracy = (ious >= delta).sum(axis=0).astype(np.float64) * 100.0 / float(len(maps))
+        accuracy = (ious >= delta).sum(axis=0).astype(np.float64) * 100.0 / float(len(ious))
         result[delta] = float(accuracy.max())
         best[delta] = float(thresholds[int(np.argmax(accuracy))])  # the lowest of equally good thresholds
     result["best_threshold"] = best
@@ -190,5 +194,5 @@ def pxap(cams, masks, *, interval: float = 0.01) -> float:
 
 __all__ = [
     "IOU_THRESHOLDS", "PAPER_IOU", "PAPER_LOC_FRACTION", "BoxCurves", "PixelHistogram", "box_iou",
-    "check_gt_boxes", "fixed_threshold_boxes", "max_box_acc", "pxap", "quantize_cams",
+    "check_gt_boxes", "fixed_threshold_boxes", "max_box_acc", "pxap", "quantize_cams", "summarize_curves",
 ]
