@@ -1,0 +1,73 @@
+"""Specification of the run config: defaults, strict keys and types, overrides, readable errors."""
+import pytest
+
+from trainers.config import ConfigError, RunConfig, config_differences, load_config
+
+
+def test_defaults_round_trip_through_a_plain_dict():
+    config = RunConfig()
+    assert RunConfig.from_dict(config.to_dict()) == config
+    assert config.has.mixture == "none" and not config.has.enabled
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"optim": {"lrr": 0.1}}, "optim.lrr: unknown key; did you mean optim.lr? allowed keys here: name, lr,"),
+    ({"optimizer": {}}, "optimizer: unknown key; did you mean optim?"),
+    ({"optim": {"lr": "fast"}}, "optim.lr: 'fast' is not allowed; allowed: a number"),
+    ({"optim": {"epochs": 2.5}}, "optim.epochs: 2.5 is not allowed; allowed: an int"),
+    ({"optim": {"name": "rmsprop"}}, "optim.name: 'rmsprop' is not allowed; allowed: one of 'sgd', 'adamw'"),
+    ({"optim": {"lr": -1}}, "optim.lr: -1.0 is not allowed; a number > 0"),
+    ({"model": {"backbone": "vgg19"}}, "model.backbone: 'vgg19' is not allowed; allowed: tiny_cnn, alexnet_gap,"),
+    ({"has": {"fill": "pink"}}, "has.fill: 'pink' is not allowed; allowed: dataset_mean, zero,"),
+    ({"has": {"p_hide": 2}}, "has.p_hide: 2.0 is not allowed; a probability in [0, 1]"),
+    ({"has": {"mixture": {16: -1}}}, "has.mixture: weight -1 of size 16 is not allowed"),
+    ({"has": {"mixture": 100}}, "has.mixture: patch size 100 is larger than the input 48x48"),
+    ({"eval": {"iou_thresholds": 0.5}}, "eval.iou_thresholds: 0.5 is not allowed; allowed: a list of a number"),
+    ({"data": {"name": "CUB"}}, "data.root: required for the folder dataset 'CUB'"),
+    ({"channels_last": "yes"}, "channels_last: 'yes' is not allowed; allowed: true/false"),
+    ({"device": "tpu"}, "device: 'tpu' is not allowed; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'"),
+])
+def test_bad_values_name_the_dotted_key_the_value_and_what_is_allowed(data, message):
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_dict(data)
+    assert str(error.value).startswith(message)
+
+
+def test_mixtures_are_stored_in_their_readable_canonical_form():
+    assert RunConfig.from_dict({"has": {"mixture": {16: 1, 8: 1}}}).has.mixture == "mixed:8,16"
+    assert RunConfig.from_dict({"has": {"mixture": 8}}).has.mixture == "8"
+    assert RunConfig.from_dict({"has": {"mixture": "mixed:0,8,16"}}).has.sizes == {0: 1.0, 8: 1.0, 16: 1.0}
+
+
+def test_overrides_are_typed_dotted_assignments():
+    config = RunConfig.from_dict({"optim": {"lr": 0.1}}, ["optim.lr=0.05", "has.mixture=8",
+                                                           "data.synthetic.train_size=100", "eval.iou_thresholds=[0.5]"])
+    assert config.optim.lr == 0.05 and config.has.mixture == "8"
+    assert config.data.synthetic.train_size == 100 and config.eval.iou_thresholds == (0.5,)
+    with pytest.raises(ConfigError, match="optim.lrr: unknown key; did you mean optim.lr?"):
+        RunConfig.from_dict({}, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="override 'optim.lr' is not dotted.key=value"):
+        RunConfig.from_dict({}, ["optim.lr"])
+
+
+def test_config_files_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=f"{missing}: no such config file"):
+        load_config(missing)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim: [1, 2\n")
+    with pytest.raises(ConfigError, match=f"{broken}: not valid YAML"):
+        load_config(broken)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("optim:\n  lr: abc\n")
+    with pytest.raises(ConfigError, match=f"{wrong}: optim.lr: 'abc' is not allowed"):
+        load_config(wrong)
+    good = tmp_path / "good.yaml"
+    good.write_text("optim:\n  lr: 0.2\nhas:\n  mixture: mixed:0,8,16\n")
+    assert load_config(good, ["seed=3"]).optim.lr == 0.2 and load_config(good, ["seed=3"]).seed == 3
+
+
+def test_differences_ignore_runtime_keys():
+    a = RunConfig()
+    b = RunConfig.from_dict({}, ["optim.lr=0.5", "device=cpu", "data.workers=7", "has.mixture=8"])
+    assert config_differences(a, b) == {"has.mixture": ("none", "8"), "optim.lr": (0.1, 0.5)}

@@ -1,0 +1,162 @@
+"""Specification of one training run: hiding in the loop, checkpoints, exact resume, artifacts, DDP."""
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from trainers.checkpoint import list_checkpoints
+from trainers.config import RunConfig
+from trainers.engine import Hook, OutputDirInUse, Trainer
+
+TIMING = ("train/epoch_seconds", "train/images_per_second")
+
+
+def tiny(output_dir, *overrides) -> RunConfig:
+    """A run of a few seconds: a small synthetic set, 3 epochs."""
+    return RunConfig.from_dict({}, [
+        f"output_dir={output_dir}", "data.synthetic.train_size=192", "data.synthetic.val_size=48",
+        "data.synthetic.test_size=40", "data.batch_size=64", "optim.epochs=3", "optim.warmup_epochs=0",
+        "eval.test_interval=0.01", "progress=false", *overrides])
+
+
+def without_timing(metrics):
+    return {k: v for k, v in metrics.items() if k not in TIMING}
+
+
+class CrashAfter(Hook):
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def after_epoch(self, trainer, report):
+        if report.epoch == self.epochs:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_gives_bit_identical_weights_and_metrics(tmp_path):
+    overrides = ("has.mixture=mixed:0,8,16", "has.fill=gaussian_noise")  # hiding draws random numbers
+    straight = Trainer(tiny(tmp_path / "a", *overrides))
+    final = straight.fit()
+    crashed = Trainer(tiny(tmp_path / "b", *overrides), hooks=[CrashAfter(2)])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.fit()
+    resumed = Trainer(tiny(tmp_path / "b", *overrides))
+    resumed_final = resumed.fit(resume_from=tmp_path / "b" / "checkpoints" / "epoch_0002")
+    for name, tensor in straight.net.state_dict().items():
+        assert torch.equal(tensor, resumed.net.state_dict()[name]), name
+    assert without_timing(resumed_final) == without_timing(final)
+
+
+def test_resuming_another_config_is_refused_and_changes_nothing(tmp_path):
+    Trainer(tiny(tmp_path, "optim.epochs=1")).fit()
+    folder = tmp_path / "checkpoints" / "epoch_0001"
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    with pytest.raises(ValueError) as error:
+        Trainer(tiny(tmp_path, "optim.epochs=1", "optim.lr=0.3", "has.mixture=8")).fit(resume_from=folder)
+    assert "this checkpoint is of a different config" in str(error.value)
+    assert "has.mixture: checkpoint 'none', now '8'" in str(error.value)
+    assert "optim.lr: checkpoint 0.1, now 0.3" in str(error.value)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_a_second_run_in_the_same_output_dir_is_refused(tmp_path):
+    Trainer(tiny(tmp_path, "optim.epochs=1")).fit()
+    with pytest.raises(OutputDirInUse, match="already holds a run .* nothing was overwritten"):
+        Trainer(tiny(tmp_path, "optim.epochs=1")).fit()
+
+
+def test_every_epoch_leaves_a_checkpoint_with_metrics_and_artifacts(tmp_path):
+    Trainer(tiny(tmp_path, "keep_checkpoints=2")).fit()
+    kept = list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in kept] == ["epoch_0002", "epoch_0003"]  # the oldest was dropped
+    last = kept[-1]
+    assert {p.name for p in (last / "artifacts").iterdir()} == {
+        f"{split}_{kind}" for split in ("val", "test")
+        for kind in ("cam_overlay.png", "box_accuracy.png", "predictions.parquet")}
+    table = pq.read_table(last / "artifacts" / "test_predictions.parquet")
+    assert table.num_rows == 40
+    assert {"image_id", "target", "prediction", "cls_correct", "fixed_iou", "best_iou", "correct_iou50",
+            "split", "epoch"} <= set(table.column_names)
+    metrics = json.loads((last / "metrics.json").read_text())
+    assert metrics["epoch"] == 3.0 and "test/maxboxacc_v2" in metrics and "val/pxap" in metrics
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines() if (tmp_path / "metrics.jsonl").exists() else []
+    assert lines == []  # the metrics log is a hook of the CLI, not of the bare Trainer
+
+
+class Inputs(Hook):
+    """Records what the network sees in training and in evaluation."""
+
+    def __init__(self):
+        self.train, self.eval = [], []
+
+    def before_train(self, trainer):
+        first_stage = getattr(trainer.net, trainer.net.stage_names[0])  # runs in training and in evaluation
+        first_stage.register_forward_pre_hook(
+            lambda module, args: (self.train if module.training else self.eval).append(args[0].detach().clone()))
+
+
+def test_hiding_happens_on_the_normalised_batch_in_training_only(tmp_path):
+    recorder = Inputs()
+    trainer = Trainer(tiny(tmp_path, "optim.epochs=1", "has.mixture=8", "has.p_hide=1.0"), hooks=[recorder])
+    trainer.fit()
+    # Every patch hidden with the dataset mean, which is 0 after normalising with the dataset's stats.
+    assert all(torch.equal(batch, torch.zeros_like(batch)) for batch in recorder.train)
+    first = next(trainer.data.val.batches(torch.arange(48), 64, train=False, epoch=0, seed=0))
+    assert torch.equal(recorder.eval[0], trainer.normalize(first.images))
+
+
+def _ddp_evaluate(rank, world, init_file, output_dir, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        trainer = Trainer(tiny(output_dir, "optim.epochs=1"))
+        trainer.load(output_dir / "checkpoints" / "epoch_0001")
+        metrics = trainer.evaluate("test", 0.01)
+        (results / f"rank{rank}.json").write_text(json.dumps(metrics))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ddp_ranks_report_the_numbers_of_one_process(tmp_path):
+    single = Trainer(tiny(tmp_path, "optim.epochs=1"))
+    single.fit()
+    expected = single.evaluate("test", 0.01)
+    results = tmp_path / "results"
+    results.mkdir()
+    mp.spawn(_ddp_evaluate, args=(2, tmp_path / "init", tmp_path, results), nprocs=2, join=True)
+    for rank in range(2):
+        assert json.loads((results / f"rank{rank}.json").read_text()) == expected
+
+
+def _ddp_train(rank, world, init_file, output_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        Trainer(tiny(output_dir, "optim.epochs=1")).fit()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_training_shards_the_data_and_rank_zero_checkpoints(tmp_path):
+    mp.spawn(_ddp_train, args=(2, tmp_path / "init", tmp_path / "run"), nprocs=2, join=True)
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["epoch_0001"]
+    trainer = Trainer(tiny(tmp_path / "run", "optim.epochs=1"))
+    assert len(trainer._train_indices(0)) == 192  # one process sees all; each of 2 ranks saw 96
+
+
+def test_cli_runs_one_experiment_and_refuses_bad_keys(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    bad = subprocess.run([sys.executable, "-m", "trainers", "optim.lrr=0.1"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == ("error: optim.lrr: unknown key; did you mean optim.lr? allowed keys here: name, lr, "
+                                  "momentum, weight_decay, nesterov, epochs, schedule, warmup_epochs, step_epochs, "
+                                  "gamma, label_smoothing")
+    args = [f"output_dir={tmp_path}", "data.synthetic.train_size=128", "data.synthetic.val_size=32",
+            "data.synthetic.test_size=32", "optim.epochs=1", "optim.warmup_epochs=0", "eval.test_interval=0.01"]
+    run = subprocess.run([sys.executable, "-m", "trainers", *args], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "test/maxboxacc_v2" in run.stdout and "epoch 1/1" in run.stderr
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1

@@ -1,0 +1,59 @@
+"""python -m trainers --config FILE.yaml [--resume [CHECKPOINT]] [dotted.key=value ...]
+
+One run, no Ray and no MLflow: for debugging, profiling, and single experiments.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainers", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML run config (default: the built-in defaults: tiny_cnn on synthetic)")
+    parser.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                        help="continue from an epoch checkpoint folder (default: the latest in output_dir)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="e.g. optim.lr=0.05 has.mixture=8")
+    args = parser.parse_args(argv)
+
+    from trainers.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return 0
+
+    from trainers import checkpoint
+    from trainers.engine import OutputDirInUse, Trainer
+    from trainers.hooks import ProgressHook, MetricsLogHook
+
+    resume = args.resume
+    if resume == "latest":
+        found = checkpoint.list_checkpoints(f"{config.output_dir}/checkpoints")
+        if not found:
+            print(f"error: --resume: no checkpoint in {config.output_dir}/checkpoints", file=sys.stderr)
+            return 2
+        resume = found[-1]
+    hooks = [MetricsLogHook()] + ([ProgressHook()] if config.progress else [])
+    try:
+        metrics = Trainer(config, hooks).fit(resume_from=resume)
+    except (OutputDirInUse, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    width = max(len(k) for k in metrics)
+    print("\nfinal metrics:")
+    for key in sorted(metrics):
+        if key.startswith(("test/", "val/")):
+            print(f"  {key:<{width}}  {metrics[key]:8.2f}")
+    print(f"checkpoints and artifacts: {config.output_dir}/checkpoints")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

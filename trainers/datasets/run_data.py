@@ -1,0 +1,93 @@
+"""The data of one run: train / val / test sources, classes and the normalisation statistics.
+
+- `synthetic`: the embedded set (trainers/datasets/synthetic.py), generated in memory from a seed.
+- any other name: a folder in the wsolevaluation layout (CUB, ILSVRC, OpenImages, or your own data
+  converted with `python -m trainers.datasets convert-voc`), checked before training.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from trainers.datasets.sources import FolderDataset, FolderSource, MemorySource, SplitSource
+from trainers.fills import IMAGENET_MEAN, IMAGENET_STD, FillStats
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class RunData:
+    train: SplitSource
+    val: SplitSource
+    test: SplitSource
+    num_classes: int
+    class_names: list[str]
+    input_size: int
+    mean: tuple[float, float, float]  # normalisation, [0, 1] pixel units
+    std: tuple[float, float, float]
+    fill_stats: FillStats  # the dataset's statistics in the normalised space (what fills use)
+    notes: tuple[str, ...] = ()  # what the data check had to say (lenient mode: skipped images)
+
+
+def build_data(config, seed: int = 0) -> RunData:
+    """The RunData of a DataConfig."""
+    if config.name == "synthetic":
+        return _synthetic_data(config.synthetic)
+    return _folder_data(config, seed)
+
+
+@lru_cache(maxsize=8)
+def _synthetic_split(spec, split: str):
+    from trainers.datasets.synthetic import generate_synthetic
+
+    return generate_synthetic(spec, split)
+
+
+def _synthetic_data(spec) -> RunData:
+    sources = {}
+    for split in SPLITS:
+        data = _synthetic_split(spec, split)
+        ids = [f"synthetic/{split}/{i:05d}" for i in range(len(data.labels))]
+        sources[split] = MemorySource(split, data.images, data.labels, [b[None].numpy() for b in data.boxes],
+                                      data.masks, ids)
+    stats = _synthetic_split(spec, "train")
+    # Normalised with its own statistics: the dataset mean is 0, the paper's fill.
+    fill_stats = FillStats.from_normalization(stats.mean, stats.std, stats.mean, stats.std)
+    names = [f"class {k}" for k in range(spec.num_classes)]
+    return RunData(sources["train"], sources["val"], sources["test"], spec.num_classes, names, spec.image_size,
+                   stats.mean, stats.std, fill_stats)
+
+
+def _folder_data(config, seed: int) -> RunData:
+    from trainers.datasets.check import check_dataset, require_clean
+
+    root = Path(config.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root: {root} is not a folder (the images root of dataset {config.name!r})")
+    metadata = Path(config.metadata) if config.metadata else root / "metadata"
+    if not metadata.is_dir():
+        raise FileNotFoundError(f"data.metadata: {metadata} is not a folder with train/val/test metadata")
+    report = check_dataset(root, metadata, splits=SPLITS, decode=False, workers=1)
+    missing = [split for split in SPLITS if split not in report.splits]
+    if missing:
+        raise FileNotFoundError(f"data.metadata: {metadata} has no {', '.join(missing)} split folder; "
+                                "a run needs train, val and test (<metadata>/<split>/image_ids.txt ...)")
+    report, note = require_clean(report, strict=config.strict)  # strict: DatasetError naming every bad line
+    records = {split: report.records(split) for split in SPLITS}
+    sources = {}
+    for split in SPLITS:
+        dataset = FolderDataset(root, records[split], train=split == "train", resize=config.resize_size,
+                                crop=config.crop_size, seed=seed)
+        sources[split] = FolderSource(split, dataset, config.workers, pin_memory=torch.cuda.is_available())
+    labels = [r.label for split in SPLITS for r in records[split]]
+    num_classes = max(labels) + 1
+    names_file = root / "classes.txt"
+    names = names_file.read_text().split("\n")[:num_classes] if names_file.is_file() else []
+    names = names if len(names) == num_classes else [f"class {k}" for k in range(num_classes)]
+    # wsolevaluation normalises with ImageNet statistics and hides with 0 there: the ImageNet mean.
+    fill_stats = FillStats.from_normalization(IMAGENET_MEAN, IMAGENET_STD, IMAGENET_MEAN, IMAGENET_STD)
+    return RunData(sources["train"], sources["val"], sources["test"], num_classes, names, config.crop_size,
+                   IMAGENET_MEAN, IMAGENET_STD, fill_stats, (note,))
