@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from trainers.config import RunConfig, config_differences
+from trainers.config import RUNTIME_KEYS, RunConfig, config_differences
 
 _EPOCH_DIR = re.compile(r"^epoch_(\d{4,})$")
 
@@ -68,10 +68,10 @@ def read_state(directory: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def check_resumable(directory: str | Path, config: RunConfig) -> None:
-    """Refuse to resume from a checkpoint of a different config, listing every difference."""
+def check_resumable(directory: str | Path, config: RunConfig, allow_changes: frozenset[str] = frozenset()) -> None:
+    """Refuse to resume from a checkpoint of a different config (but for `allow_changes`), listing every difference."""
     saved = RunConfig.from_dict(read_state(directory)["config"])
-    differences = config_differences(saved, config)
+    differences = config_differences(saved, config, RUNTIME_KEYS | allow_changes)
     if differences:
         lines = "\n".join(f"  {key}: checkpoint {a!r}, now {b!r}" for key, (a, b) in differences.items())
         raise ValueError(f"{directory}: this checkpoint is of a different config; nothing was changed.\n{lines}\n"

@@ -152,10 +152,14 @@ class Trainer:
 
     # ---- training --------------------------------------------------------------------------
 
-    def fit(self, resume_from: str | Path | None = None) -> dict[str, float]:
-        """Train to `optim.epochs` (from a checkpoint folder when given) and return the final metrics."""
+    def fit(self, resume_from: str | Path | None = None, allow_changes: frozenset[str] = frozenset()) -> dict[str, float]:
+        """Train to `optim.epochs` (from a checkpoint folder when given) and return the final metrics.
+
+        `allow_changes`: dotted config keys that may differ from the checkpoint's (population-based
+        training continues another trial's weights with mutated hyperparameters).
+        """
         if resume_from is not None:
-            self.load(resume_from)
+            self.load(resume_from, allow_changes)
         else:
             self._claim_output_dir()
             torch.manual_seed(self.config.seed + self.place.rank)  # dropout and other in-model randomness
@@ -240,13 +244,19 @@ class Trainer:
             hook.after_epoch(self, report)
         return report
 
-    def load(self, directory: str | Path) -> None:
+    def load(self, directory: str | Path, allow_changes: frozenset[str] = frozenset()) -> None:
         """Continue from an epoch checkpoint folder of the same config (else a clear error)."""
-        ckpt.check_resumable(directory, self.config)
+        ckpt.check_resumable(directory, self.config, allow_changes)
         state = ckpt.read_state(directory)
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if allow_changes:  # hyperparameters of this config, not of the checkpoint's
+            base = [self.config.optim.lr * group["lr_mult"] for group in self.optimizer.param_groups]
+            self.scheduler.base_lrs = base
+            for group, lr in zip(self.optimizer.param_groups, base):
+                group["initial_lr"] = lr
+                group["weight_decay"] = self.config.optim.weight_decay
         self.scaler.load_state_dict(state["scaler"])
         self._set_rng_state(state["rng"])
         self.epoch = int(state["epoch"])

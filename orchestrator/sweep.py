@@ -1,0 +1,186 @@
+"""python -m orchestrator.sweep: load -> validate every trial -> check the cluster -> Tuner.fit -> table.
+
+    python -m orchestrator.sweep                                   # the quickstart, on this machine
+    python -m orchestrator.sweep --space search_spaces/wsol_cub.yaml --data /data/CUB
+    python -m orchestrator.sweep --resume wsol_cub                 # finished trials are not rerun
+    python -m orchestrator.sweep --dry-run optim.epochs=2          # what would run, and on what
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "quickstart.yaml"
+STATE_FILE = "has_sweep.json"  # in the experiment folder: what --resume needs to rebuild the sweep
+
+# A readable console: no usage reporting, no duplicated-log folding, no V2 migration notices, the
+# classic progress table (its columns can be chosen), no warning about snapshots every epoch.
+QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+             "RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+
+
+class SweepInputError(ValueError):
+    """Bad input found before anything started: printed as one line, exit code 2."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--space", help=f"sweep YAML (default: {DEFAULT_SPACE.relative_to(DEFAULT_SPACE.parents[1])})")
+    parser.add_argument("--name", help="experiment name (default: the sweep file's name)")
+    parser.add_argument("--resume", metavar="NAME", nargs="?", const="", default=None,
+                        help="restore an interrupted sweep (errored trials resumed, finished ones kept)")
+    parser.add_argument("--dry-run", action="store_true", help="print the trials and their resources, run nothing")
+    parser.add_argument("--address", help="Ray cluster address (default: a local Ray on this machine, or $RAY_ADDRESS)")
+    parser.add_argument("--data", help="images root of a folder dataset (sets base data.root)")
+    parser.add_argument("--storage-path", help="where Tune keeps results and checkpoints (local path or s3://...)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: ./mlflow.db; on a cluster its server)")
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="run config overrides, e.g. optim.epochs=2")
+    return parser.parse_args(argv)
+
+
+def load_sweep(args: argparse.Namespace):
+    """The sweep spec (from --space, or from the experiment folder on --resume) with overrides applied."""
+    from orchestrator.spaces import SpaceError, load_space, parse_space
+    from trainers.config_parse import ConfigError, parse_override, set_dotted
+
+    storage = args.storage_path
+    if args.resume is not None:
+        name = args.resume or args.name
+        if not name:
+            raise SweepInputError("--resume: give the sweep's name (--resume NAME)")
+        state = _read_state(storage, name)
+        spec = parse_space(state["space_text"], state["source"])
+        overrides, data = state["overrides"], state["data"]
+        if args.overrides or args.data:
+            raise SweepInputError("--resume: overrides and --data cannot change a sweep; it resumes as it started")
+        storage = storage or state["storage"]
+    else:
+        spec = load_space(args.space or DEFAULT_SPACE)
+        overrides, data = list(args.overrides), args.data
+        name = args.name or spec.name
+    base = json.loads(json.dumps(spec.base))
+    try:
+        for text in overrides:
+            key, value = parse_override(text)
+            if key in spec.domains:
+                raise SweepInputError(f"{text}: {key} is searched by the sweep (space.{key}); edit the sweep file")
+            set_dotted(base, key, value)
+        if data:
+            set_dotted(base, "data.root", str(Path(data).resolve()))
+    except ConfigError as error:
+        raise SweepInputError(f"override: {error}") from None
+    from dataclasses import replace
+
+    spec = replace(spec, base=base, fields=replace(spec.fields, name=name))
+    if storage:
+        spec = replace(spec, fields=replace(spec.fields, storage=replace(spec.fields.storage, path=storage)))
+    try:
+        from orchestrator.spaces import validate
+
+        validate(spec)
+    except (SpaceError, ConfigError, ValueError) as error:
+        raise SweepInputError(str(error)) from None
+    return spec, overrides, data
+
+
+def storage_root(spec) -> str:
+    path = spec.fields.storage.path
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def _read_state(storage: str | None, name: str) -> dict:
+    from orchestrator.spaces import StorageSpec
+
+    root = storage or StorageSpec().path
+    root = root if "://" in root else str(Path(root).expanduser().resolve())
+    path = Path(root) / name / STATE_FILE
+    if "://" in root:
+        import pyarrow.fs as pafs
+
+        filesystem, base = pafs.FileSystem.from_uri(root)
+        try:
+            with filesystem.open_input_stream(f"{base}/{name}/{STATE_FILE}") as stream:
+                return json.loads(stream.read())
+        except (FileNotFoundError, OSError):
+            raise SweepInputError(f"--resume {name}: no sweep named {name!r} under {root}") from None
+    if not path.is_file():
+        raise SweepInputError(f"--resume {name}: no sweep named {name!r} under {root} (no {STATE_FILE})")
+    return json.loads(path.read_text())
+
+
+def check_data(spec) -> None:
+    """Folder datasets: the metadata and image files are checked once here, not in every trial."""
+    from orchestrator.spaces import resolve
+
+    config = resolve(spec, {"seed": spec.fields.seeds[0]})
+    if config.data.name == "synthetic":
+        return
+    from trainers.datasets.check import DatasetError, check_dataset, require_clean
+
+    root = Path(config.data.root)
+    metadata = Path(config.data.metadata) if config.data.metadata else root / "metadata"
+    for path, key in ((root, "data.root"), (metadata, "data.metadata")):
+        if not path.is_dir():
+            raise SweepInputError(f"{spec.source}: {key}: {path} is not a folder (the {config.data.name} dataset)")
+    try:
+        report, note = require_clean(check_dataset(root, metadata, decode=False, workers=1), strict=config.data.strict)
+    except DatasetError as error:
+        raise SweepInputError(f"{spec.source}: the {config.data.name} dataset has problems:\n{error}") from None
+    print(f"data: {config.data.name} at {root}: {note}")
+
+
+def describe_trials(spec) -> str:
+    """The dry run: every trial (grid point x seed, random domains as domains) and what it needs."""
+    from orchestrator.spaces import grid_points, resolve
+
+    points = grid_points(spec)
+    resources = spec.fields.resources
+    search = spec.fields.search
+    config = resolve(spec, points[0])
+    lines = [f"sweep {spec.name!r} from {spec.source}: {spec.fields.description}".rstrip(": ")]
+    per_trial = resources.per_trial()
+    trials = len(points) * search.num_samples if search.algorithm != "optuna" else search.num_samples * len(spec.fields.seeds)
+    lines.append(f"{trials} trials, each {resources.workers} worker(s) x {resources.per_worker()} "
+                 f"= {per_trial}; scheduler {spec.fields.scheduler.name}, search {search.algorithm}, "
+                 f"metric {spec.fields.metric} ({spec.fields.mode}), {config.optim.epochs} epochs")
+    if spec.fields.gpu_hours:
+        lines.append(f"estimate from the sweep file: {spec.fields.gpu_hours:g} GPU-hours")
+    for key, domain in spec.domains.items():
+        if domain.random:
+            lines.append(f"  sampled per trial: {key} ~ {domain.describe()}")
+    if search.algorithm == "optuna":
+        lines.append(f"  optuna proposes {search.num_samples} configurations, each run with seeds {list(spec.fields.seeds)}")
+        return "\n".join(lines)
+    keys = [k for k in points[0]]
+    lines.append("  " + "  ".join(keys))
+    for point in points:
+        lines.append("  " + "  ".join(str(point[k]) for k in keys) + (f"  x {search.num_samples} samples" if search.num_samples > 1 else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    try:
+        spec, overrides, data = load_sweep(args)
+        if args.dry_run:
+            print(describe_trials(spec))
+            return 0
+        check_data(spec)
+        from orchestrator.launch import launch
+
+        return launch(spec, overrides, data, resume=args.resume is not None, address=args.address,
+                      tracking_uri=args.tracking_uri, tracking=not args.no_tracking)
+    except SweepInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

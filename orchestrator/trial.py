@@ -1,0 +1,131 @@
+"""The Tune trainable: one trial = one trainers run, in-process or as a multi-worker TorchTrainer.
+
+In-process (resources.workers == 1): the engine runs inside the Tune function and reports every
+epoch's metrics with its checkpoint folder (tune.report). A retried or restored trial continues
+from tune.get_checkpoint().
+
+Multi-worker (workers > 1): the Tune function starts a Ray Train TorchTrainer (DDP; gloo on CPU)
+whose workers run the same engine; rank 0's metrics reach Tune through TuneReportCallback, the
+checkpoints live in the Train run, which resumes from its latest one when the trial is retried.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from orchestrator.spaces import SweepSpec, resolve, trial_values
+from trainers.config import RunConfig
+from trainers.engine import EpochReport, Hook, Trainer
+
+CONFIG_TAG = "trial_config"  # the resolved config travels in the first report of every trial
+
+
+def reportable(metrics: dict[str, float]) -> dict[str, float]:
+    """Metrics Tune can store and compare (finite floats)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+class TuneReportHook(Hook):
+    """In-process trials: tune.report every epoch, with the epoch's checkpoint folder."""
+
+    def after_epoch(self, trainer: Trainer, report: EpochReport) -> None:
+        from ray import tune
+
+        checkpoint = tune.Checkpoint.from_directory(str(report.checkpoint)) if report.checkpoint else None
+        tune.report(reportable(report.metrics), checkpoint=checkpoint)
+
+
+class TrainReportHook(Hook):
+    """Multi-worker trials: ray.train.report on every rank, the checkpoint from rank 0 only."""
+
+    def after_epoch(self, trainer: Trainer, report: EpochReport) -> None:
+        import ray.train
+
+        checkpoint = None
+        if trainer.place.is_main and report.checkpoint is not None:
+            checkpoint = ray.train.Checkpoint.from_directory(str(report.checkpoint))
+        ray.train.report(reportable(report.metrics), checkpoint=checkpoint)
+
+
+def _quiet_ray_logs() -> None:
+    """One line per checkpoint per trial drowns the progress table: keep Ray's warnings only."""
+    for name in ("ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _local_run_dir(name: str) -> Path:
+    """Scratch space of the engine on this node; Tune / Train keep the checkpoints that matter."""
+    return Path(tempfile.gettempdir()) / "has-sweep" / name
+
+
+def run_trial(params: dict[str, Any], spec: SweepSpec) -> None:
+    """The Tune function of an in-process trial."""
+    from ray import tune
+
+    _quiet_ray_logs()
+    config = resolve(spec, trial_values(spec, params))
+    context = tune.get_context()
+    run_dir = _local_run_dir(f"{spec.name}/{context.get_trial_id()}")
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a retry before the first checkpoint starts clean
+    config = config.replace(output_dir=str(run_dir), progress=False, keep_checkpoints=1)
+    trainer = Trainer(config, hooks=[TuneReportHook()])
+    if checkpoint is None:
+        trainer.fit()
+        return
+    # PBT hands over another trial's weights with mutated values: those keys may differ.
+    allow = frozenset(spec.random_keys) if spec.fields.scheduler.name == "pbt" else frozenset()
+    with checkpoint.as_directory() as folder:
+        trainer.fit(resume_from=folder, allow_changes=allow)
+
+
+def _train_worker(loop_config: dict[str, Any]) -> None:
+    """A Ray Train worker: the engine under the torch.distributed group Ray Train set up."""
+    import ray.train
+    import ray.train.torch
+
+    _quiet_ray_logs()
+    context = ray.train.get_context()
+    config = RunConfig.from_dict(loop_config["run"])
+    device = ray.train.torch.get_device()
+    run_dir = _local_run_dir(f"{loop_config['name']}/rank{context.get_world_rank()}")
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    config = config.replace(output_dir=str(run_dir), progress=False, keep_checkpoints=1, device=str(device))
+    trainer = Trainer(config, hooks=[TrainReportHook()])
+    if checkpoint is None:
+        trainer.fit()
+    else:
+        with checkpoint.as_directory() as folder:
+            trainer.fit(resume_from=folder)
+
+
+def run_multiworker_trial(params: dict[str, Any], spec: SweepSpec, storage_path: str) -> None:
+    """The Tune function of a DDP trial: a TorchTrainer of resources.workers workers."""
+    from ray import tune
+    from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    _quiet_ray_logs()
+    config = resolve(spec, trial_values(spec, params))
+    resources = spec.fields.resources
+    trial_id = tune.get_context().get_trial_id()
+    name = f"{spec.name}-train-{trial_id}"
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"run": config.to_dict(), "name": name},
+        torch_config=TorchConfig(backend="nccl" if resources.gpus > 0 else "gloo"),
+        scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=resources.gpus > 0,
+                                     resources_per_worker=resources.per_worker()),
+        # The same name and storage on a retry: Ray Train resumes the run from its latest checkpoint.
+        run_config=TrainRunConfig(name=name, storage_path=storage_path, callbacks=[TuneReportCallback()],
+                                  failure_config=FailureConfig(max_failures=spec.fields.max_failures)),
+    )
+    trainer.fit()
