@@ -6,12 +6,20 @@ import logging
 import math
 from pathlib import Path
 
-from orchestrator.spaces import TRIAL_DRIVER_CPU, SweepSpec, resolve, trial_values, tune_search
-from orchestrator.sweep import STATE_FILE, SweepInputError, storage_root
+from orchestrator.spaces import (
+    TRIAL_DRIVER_CPU, SweepInputError, SweepSpec, resolve, trial_values, tune_domains, tune_search,
+)
 from orchestrator.table import TrialResult, build_table, describe, format_table
 from trainers.config_parse import flatten
 
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml").expanduser()  # what `ray up` leaves on the head node
+STATE_FILE = "has_sweep.json"  # in the experiment folder: what --resume needs to rebuild the sweep
+
+
+def storage_root(spec: SweepSpec) -> str:
+    """The storage path as Tune needs it: a URI as given, a local path made absolute."""
+    path = spec.fields.storage.path
+    return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
 def node_capacities() -> list[dict[str, float]]:
@@ -113,9 +121,9 @@ def make_scheduler(spec: SweepSpec):
         return ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=scheduler.grace_period,
                              reduction_factor=scheduler.reduction_factor)
     if scheduler.name == "pbt":
-        space, _, _ = tune_search(spec)
+        # The sampled values sit in each trial's "grid" entry: PBT perturbs them there.
         return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=scheduler.perturbation_interval,
-                                       hyperparam_mutations={"trial": space["trial"]})
+                                       hyperparam_mutations={"grid": tune_domains(spec)})
     return None
 
 
@@ -123,8 +131,10 @@ def progress_reporter(spec: SweepSpec):
     """Tune's table with the columns people read: what varies, the epoch and the key metrics."""
     from ray.tune import CLIReporter
 
-    varying = {f"grid/{key}": key.split(".")[-1] for key in (*spec.grid_keys, "seed")}
-    varying.update({f"trial/{key}": key.split(".")[-1] for key in spec.random_keys})
+    if spec.fields.search.algorithm == "optuna":
+        varying = {f"trial/{key}": key.split(".")[-1] for key in (*spec.shown_keys, *spec.random_keys)}
+    else:
+        varying = {f"grid/{key}": key.split(".")[-1] for key in (*spec.shown_keys, *spec.random_keys, "seed")}
     metrics = {"training_iteration": "epoch", "train/loss": "loss", "val/cls_top1": "val cls",
                spec.fields.metric: spec.fields.metric.split("/")[-1]}
     return CLIReporter(parameter_columns=varying, metric_columns=metrics, max_report_frequency=30,
@@ -156,7 +166,10 @@ def launch(spec: SweepSpec, overrides: list[str], data: str | None, *, resume: b
 
     root = storage_root(spec)
     experiment = f"{root}/{spec.name}"
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+    # Multi-worker trials need the State API (Ray Train watches its controller through it), which
+    # the dashboard serves; in-process sweeps do without it and save the memory.
+    dashboard = spec.fields.resources.workers > 1
+    ray.init(address=address, include_dashboard=None if address else dashboard, logging_level=logging.WARNING,
              configure_logging=True, log_to_driver=True)
     try:
         nodes = node_capacities()
@@ -182,12 +195,14 @@ def launch(spec: SweepSpec, overrides: list[str], data: str | None, *, resume: b
                 run_config=tune.RunConfig(name=spec.name, storage_path=root,
                                           failure_config=tune.FailureConfig(max_failures=spec.fields.max_failures),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                          sync_config=tune.SyncConfig(sync_period=spec.fields.storage.sync_seconds),
                                           callbacks=list(callbacks), progress_reporter=progress_reporter(spec),
                                           verbose=1),
             )
         grid = tuner.fit()
         results = trial_results(spec, grid)
-        table = build_table(results)
+        # Hyperparameters searched besides the HaS variant: each variant's best on val is shown.
+        table = build_table(results, choose_by=spec.fields.metric if spec.random_keys else None, mode=spec.fields.mode)
         print(f"\nsweep {spec.name}: {len(results)} trials, results in {experiment}")
         print(format_table(table, "text") + describe(table))
         return 1 if any(r.status == "ERROR" for r in results) else 0

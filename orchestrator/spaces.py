@@ -22,16 +22,22 @@ from typing import Any, Literal
 import yaml
 
 from trainers.config import RunConfig
-from trainers.config_parse import ConfigError, build, set_dotted, unknown_key_error
+from trainers.config_parse import ConfigError, build, load_yaml, set_dotted, unknown_key_error
 from trainers.hide import format_mixture, parse_mixture
 
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint", "sampled_weights")
+# A space key that is not a config key, with a grid of mappings, is a bundle: values that go together
+# (a backbone with its schedule, a method with its settings), one grid axis.
 SEED_KEY = "seed"
 WEIGHT_PREFIX = "has.mixture.w"  # sampled mixture weights travel as has.mixture.w<size>
 
 
 class SpaceError(ValueError):
     """A sweep file that is not allowed; the message names the file, the key and what is allowed."""
+
+
+class SweepInputError(ValueError):
+    """Bad input found before anything started (arguments, data, cluster): one line, exit code 2."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,7 @@ class Domain:
 
     @property
     def random(self) -> bool:
-        return self.kind not in ("grid",)
+        return self.kind not in ("grid", "bundle")
 
     def sample(self, rng: random.Random) -> Any:
         """One value drawn as Tune would (for validation and dry runs)."""
@@ -105,6 +111,7 @@ class SchedulerSpec:
 class StorageSpec:
     path: str = "ray_results"  # local folder or a pyarrow filesystem URI (s3://bucket/prefix)
     shared: bool = False  # a local path that every node mounts (NFS): allowed on a multi-node cluster
+    sync_seconds: float = 30.0  # how often the driver's state reaches storage: what a killed driver can lose
 
 
 @dataclass(frozen=True)
@@ -143,7 +150,18 @@ class SweepSpec:
 
     @property
     def grid_keys(self) -> list[str]:
-        return [k for k, d in self.domains.items() if d.kind == "grid"]
+        """The grid axes: config keys with a grid, and bundles (their names)."""
+        return [k for k, d in self.domains.items() if d.kind in ("grid", "bundle")]
+
+    @property
+    def shown_keys(self) -> list[str]:
+        """The config keys a grid point sets, bundles opened."""
+        keys: list[str] = []
+        for key in self.grid_keys:
+            domain = self.domains[key]
+            inner = [k for bundle in domain.values for k in bundle] if domain.kind == "bundle" else [key]
+            keys += [k for k in inner if k not in keys]
+        return keys
 
     @property
     def random_keys(self) -> list[str]:
@@ -186,6 +204,29 @@ def _parse_domain(source: str, key: str, value: Any, mixtures: Mapping[str, Any]
     return Domain(kind, (low, high))
 
 
+def _parse_bundle(source: str, key: str, value: Any, mixtures: Mapping[str, Any]) -> Domain | None:
+    """{grid: [{dotted.key: value, ...}, ...]} under a name that is not a config key: a bundle axis."""
+    try:
+        set_dotted({}, key, None, RunConfig)
+        return None  # a config key: not a bundle
+    except ConfigError:
+        pass
+    options = value.get("grid") if isinstance(value, Mapping) and len(value) == 1 else None
+    if not (isinstance(options, list) and options and all(isinstance(o, Mapping) and o for o in options)):
+        return None  # an unknown key: reported as such by the caller
+    bundles = []
+    for option in options:
+        clean = {}
+        for inner, inner_value in option.items():
+            try:
+                set_dotted({}, str(inner), None, RunConfig)
+            except ConfigError as error:
+                raise _error(source, f"space.{key}: {error}") from None
+            clean[str(inner)] = _named_mixture(source, str(inner), inner_value, mixtures) if inner == "has.mixture" else inner_value
+        bundles.append(clean)
+    return Domain("bundle", tuple(bundles))
+
+
 def _named_mixture(source: str, key: str, value: Any, mixtures: Mapping[str, Any]) -> str:
     """A mixture value as its canonical string; names defined under `mixtures:` are replaced."""
     if isinstance(value, str) and value in mixtures:
@@ -200,7 +241,7 @@ def _named_mixture(source: str, key: str, value: Any, mixtures: Mapping[str, Any
 def parse_space(text: str, source: str = "<sweep>") -> SweepSpec:
     """A SweepSpec from YAML text; every grid point and random samples are checked as RunConfigs."""
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text) or {}
     except yaml.YAMLError as error:
         raise _error(source, f"not valid YAML: {error}") from None
     if not isinstance(data, Mapping):
@@ -230,6 +271,10 @@ def parse_space(text: str, source: str = "<sweep>") -> SweepSpec:
         key = str(key)
         if key == SEED_KEY:
             raise _error(source, "space.seed: use the top-level `seeds: [...]`, which replicates every configuration")
+        bundle = _parse_bundle(source, key, value, mixtures)
+        if bundle is not None:
+            domains[key] = bundle
+            continue
         try:
             set_dotted({}, key, None, RunConfig)  # the key exists in a RunConfig
         except ConfigError as error:
@@ -299,48 +344,57 @@ def effective_key(config: RunConfig) -> str:
 
 
 def grid_points(spec: SweepSpec, with_seeds: bool = True) -> list[dict[str, Any]]:
-    """Every combination of the grid domains (x seeds), duplicates that train the same thing dropped."""
+    """Every trial of a grid / random search: grid combinations x `num_samples` draws of the random
+    domains (drawn here, reproducibly from search.seed, and shared by the seeds) x seeds; duplicates
+    that would train the same thing are dropped."""
     keys = spec.grid_keys
-    combos = itertools.product(*(spec.domains[k].values for k in keys))
+    rng = random.Random(spec.fields.search.seed)
+    draws = spec.fields.search.num_samples if spec.random_keys else 1
     seeds = spec.fields.seeds if with_seeds else (spec.fields.seeds[0],)
     points, seen = [], set()
-    for combo in combos:
-        for seed in seeds:
-            point = {**dict(zip(keys, combo)), SEED_KEY: seed}
-            config = resolve(spec, {**point, **_sample_random(spec, random.Random(0), midpoint=True)})
-            key = effective_key(config)
-            if key in seen:
-                continue
-            seen.add(key)
-            points.append(point if with_seeds else {k: v for k, v in point.items() if k != SEED_KEY})
+    for combo in itertools.product(*(spec.domains[k].values for k in keys)):
+        for _ in range(draws):
+            sampled = _sample_random(spec, rng)
+            axes: dict[str, Any] = {}
+            for key, value in zip(keys, combo):
+                axes.update(value if spec.domains[key].kind == "bundle" else {key: value})
+            own = {k: v for k, v in sampled.items() if k not in axes}  # a bundle's values win over samples
+            for seed in seeds:
+                point = {**axes, **own, SEED_KEY: seed}
+                key = effective_key(resolve(spec, point))
+                if key in seen:
+                    continue
+                seen.add(key)
+                points.append(point if with_seeds else {k: v for k, v in point.items() if k != SEED_KEY})
     return points
 
 
-def _sample_random(spec: SweepSpec, rng: random.Random, midpoint: bool = False) -> dict[str, Any]:
+def _sample_random(spec: SweepSpec, rng: random.Random) -> dict[str, Any]:
+    """One draw of every random domain (sampled mixture weights as has.mixture.w<size>)."""
     values = {}
     for key, domain in spec.domains.items():
         if not domain.random:
             continue
         if domain.kind == "sampled_weights":
             for size in domain.values:
-                values[f"{WEIGHT_PREFIX}{size}"] = 0.5 if midpoint else rng.random()
-        elif midpoint and domain.kind in ("uniform", "loguniform"):
-            low, high = domain.values
-            values[key] = (low + high) / 2 if domain.kind == "uniform" else math.sqrt(low * high)
-        elif midpoint and domain.kind == "randint":
-            values[key] = domain.values[0]
+                values[f"{WEIGHT_PREFIX}{size}"] = round(rng.random(), 4)
         else:
-            values[key] = domain.sample(rng)
+            value = domain.sample(rng)
+            values[key] = round(value, 6) if isinstance(value, float) else value
     return values
 
 
 def validate(spec: SweepSpec, samples: int = 8) -> int:
-    """Turn every grid point and `samples` draws of the random domains into RunConfigs; returns the grid size."""
+    """Turn every trial (and for optuna `samples` draws per grid point) into a RunConfig; returns the count."""
     rng = random.Random(spec.fields.search.seed)
-    points = grid_points(spec)
+    try:
+        points = grid_points(spec)
+    except (ConfigError, ValueError) as error:
+        raise _error(spec.source, str(error)) from None
+    extra = samples if spec.fields.search.algorithm == "optuna" and spec.random_keys else 0
     for point in points:
-        for draw in range(samples if spec.random_keys else 1):
-            values = {**point, **_sample_random(spec, rng, midpoint=draw == 0)}
+        for _ in range(extra):
+            values = {**point, **_sample_random(spec, rng)}
             try:
                 resolve(spec, values)
             except (ConfigError, ValueError) as error:
@@ -360,41 +414,54 @@ def trial_values(spec: SweepSpec, params: Mapping[str, Any]) -> dict[str, Any]:
     """The dotted values of one Tune trial's params (grid point, sampled values, repeat index -> seed)."""
     from ray.tune.search.repeater import TRIAL_INDEX
 
-    values = {**params.get("grid", {}), **params.get("trial", {})}
+    values: dict[str, Any] = {}
+    for key, value in {**params.get("grid", {}), **params.get("trial", {})}.items():
+        domain = spec.domains.get(key)
+        if domain is not None and domain.kind == "bundle":  # optuna picks a bundle by its index
+            values.update(domain.values[value] if isinstance(value, int) else value)
+        else:
+            values[key] = value
     if TRIAL_INDEX in params:  # optuna with several seeds: the Repeater numbers the copies
         values[SEED_KEY] = spec.fields.seeds[int(params[TRIAL_INDEX]) % len(spec.fields.seeds)]
     values.setdefault(SEED_KEY, spec.fields.seeds[0])
     return values
 
 
+def tune_domains(spec: SweepSpec) -> dict[str, Any]:
+    """The random domains as Tune domains, under their dotted keys (optuna's space, PBT's mutations)."""
+    from ray import tune
+
+    domains: dict[str, Any] = {}
+    for key, domain in spec.domains.items():
+        if domain.kind == "choice":
+            domains[key] = tune.choice(list(domain.values))
+        elif domain.kind == "uniform":
+            domains[key] = tune.uniform(*domain.values)
+        elif domain.kind == "loguniform":
+            domains[key] = tune.loguniform(*domain.values)
+        elif domain.kind == "randint":
+            domains[key] = tune.randint(*domain.values)
+        elif domain.kind == "sampled_weights":
+            for size in domain.values:
+                domains[f"{WEIGHT_PREFIX}{size}"] = tune.uniform(0.0, 1.0)
+    return domains
+
+
 def tune_search(spec: SweepSpec):
     """(param_space, search_alg or None, num_samples) for ray.tune.Tuner."""
     from ray import tune
 
-    sampled: dict[str, Any] = {}
-    for key, domain in spec.domains.items():
-        if domain.kind == "choice":
-            sampled[key] = tune.choice(list(domain.values))
-        elif domain.kind == "uniform":
-            sampled[key] = tune.uniform(*domain.values)
-        elif domain.kind == "loguniform":
-            sampled[key] = tune.loguniform(*domain.values)
-        elif domain.kind == "randint":
-            sampled[key] = tune.randint(*domain.values)
-        elif domain.kind == "sampled_weights":
-            for size in domain.values:
-                sampled[f"{WEIGHT_PREFIX}{size}"] = tune.uniform(0.0, 1.0)
     search = spec.fields.search
-    if search.algorithm != "optuna":
-        space = {"grid": tune.grid_search(grid_points(spec))}
-        if sampled:
-            space["trial"] = sampled
-        return space, None, search.num_samples
+    if search.algorithm != "optuna":  # every trial is listed: random draws are made in grid_points
+        return {"grid": tune.grid_search(grid_points(spec))}, None, 1
     from ray.tune.search import Repeater
     from ray.tune.search.optuna import OptunaSearch
 
+    sampled = tune_domains(spec)
     for key in spec.grid_keys:  # optuna has no grids: a grid becomes a categorical choice
-        sampled[key] = tune.choice(list(spec.domains[key].values))
+        domain = spec.domains[key]
+        options = range(len(domain.values)) if domain.kind == "bundle" else domain.values
+        sampled[key] = tune.choice(list(options))
     searcher = OptunaSearch(metric=spec.fields.metric, mode=spec.fields.mode, seed=search.seed)
     repeats = len(spec.fields.seeds)
     if repeats > 1:  # every configuration Optuna proposes runs once per seed; it sees their mean

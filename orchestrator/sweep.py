@@ -14,16 +14,11 @@ import sys
 from pathlib import Path
 
 DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "quickstart.yaml"
-STATE_FILE = "has_sweep.json"  # in the experiment folder: what --resume needs to rebuild the sweep
 
 # A readable console: no usage reporting, no duplicated-log folding, no V2 migration notices, the
 # classic progress table (its columns can be chosen), no warning about snapshots every epoch.
 QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
              "RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
-
-
-class SweepInputError(ValueError):
-    """Bad input found before anything started: printed as one line, exit code 2."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,7 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_sweep(args: argparse.Namespace):
     """The sweep spec (from --space, or from the experiment folder on --resume) with overrides applied."""
-    from orchestrator.spaces import SpaceError, load_space, parse_space
+    from orchestrator.spaces import SpaceError, SweepInputError, load_space, parse_space
+    from trainers.config import RunConfig
     from trainers.config_parse import ConfigError, parse_override, set_dotted
 
     storage = args.storage_path
@@ -69,7 +65,7 @@ def load_sweep(args: argparse.Namespace):
             key, value = parse_override(text)
             if key in spec.domains:
                 raise SweepInputError(f"{text}: {key} is searched by the sweep (space.{key}); edit the sweep file")
-            set_dotted(base, key, value)
+            set_dotted(base, key, value, RunConfig)
         if data:
             set_dotted(base, "data.root", str(Path(data).resolve()))
     except ConfigError as error:
@@ -88,13 +84,9 @@ def load_sweep(args: argparse.Namespace):
     return spec, overrides, data
 
 
-def storage_root(spec) -> str:
-    path = spec.fields.storage.path
-    return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
 def _read_state(storage: str | None, name: str) -> dict:
-    from orchestrator.spaces import StorageSpec
+    from orchestrator.launch import STATE_FILE
+    from orchestrator.spaces import StorageSpec, SweepInputError
 
     root = storage or StorageSpec().path
     root = root if "://" in root else str(Path(root).expanduser().resolve())
@@ -115,7 +107,7 @@ def _read_state(storage: str | None, name: str) -> dict:
 
 def check_data(spec) -> None:
     """Folder datasets: the metadata and image files are checked once here, not in every trial."""
-    from orchestrator.spaces import resolve
+    from orchestrator.spaces import SweepInputError, resolve
 
     config = resolve(spec, {"seed": spec.fields.seeds[0]})
     if config.data.name == "synthetic":
@@ -144,7 +136,7 @@ def describe_trials(spec) -> str:
     config = resolve(spec, points[0])
     lines = [f"sweep {spec.name!r} from {spec.source}: {spec.fields.description}".rstrip(": ")]
     per_trial = resources.per_trial()
-    trials = len(points) * search.num_samples if search.algorithm != "optuna" else search.num_samples * len(spec.fields.seeds)
+    trials = len(points) if search.algorithm != "optuna" else search.num_samples * len(spec.fields.seeds)
     lines.append(f"{trials} trials, each {resources.workers} worker(s) x {resources.per_worker()} "
                  f"= {per_trial}; scheduler {spec.fields.scheduler.name}, search {search.algorithm}, "
                  f"metric {spec.fields.metric} ({spec.fields.mode}), {config.optim.epochs} epochs")
@@ -159,7 +151,7 @@ def describe_trials(spec) -> str:
     keys = [k for k in points[0]]
     lines.append("  " + "  ".join(keys))
     for point in points:
-        lines.append("  " + "  ".join(str(point[k]) for k in keys) + (f"  x {search.num_samples} samples" if search.num_samples > 1 else ""))
+        lines.append("  " + "  ".join(str(point[k]) for k in keys))
     return "\n".join(lines)
 
 
@@ -167,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    from orchestrator.spaces import SpaceError, SweepInputError
+    from trainers.config_parse import ConfigError
+
     try:
         spec, overrides, data = load_sweep(args)
         if args.dry_run:
@@ -177,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return launch(spec, overrides, data, resume=args.resume is not None, address=args.address,
                       tracking_uri=args.tracking_uri, tracking=not args.no_tracking)
-    except SweepInputError as error:
+    except (SweepInputError, SpaceError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -58,8 +58,13 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
-def build_table(results: Iterable[TrialResult], split: str | None = None) -> Table:
-    """Group finished trials by configuration (all config keys but the seed) over their seeds."""
+def build_table(results: Iterable[TrialResult], split: str | None = None, choose_by: str | None = None,
+                mode: str = "max") -> Table:
+    """Group finished trials by configuration (all config keys but the seed) over their seeds.
+
+    `choose_by` (e.g. 'val/maxboxacc_v2'): of the rows of one backbone x HaS variant that differ in
+    other hyperparameters, keep the one whose mean of that metric is best (chosen on val, shown on test).
+    """
     results = list(results)
     finished = [r for r in results if r.status == "TERMINATED"]
     if split is None:  # the final test numbers when the trials have them
@@ -85,9 +90,30 @@ def build_table(results: Iterable[TrialResult], split: str | None = None) -> Tab
             value = r.metrics.get(f"{split}/{metric}")
             if value is not None and math.isfinite(value):
                 row.values.setdefault(metric, []).append(float(value))
+        if choose_by is not None and choose_by in r.metrics:
+            row.values.setdefault(choose_by, []).append(float(r.metrics[choose_by]))
+    if choose_by is not None and varying:
+        rows = _choose(rows, choose_by, mode, len(IDENTITY))
     ordered = sorted(rows.values(), key=lambda row: (row.key[0], not row.is_baseline, row.key[1:]))
     present = [(m, t) for m, t in COLUMNS if any(m in row.values for row in ordered)]
     return Table(split, columns, ordered, present, left_out)
+
+
+def _choose(rows: dict[tuple, Row], metric: str, mode: str, identity: int) -> dict[tuple, Row]:
+    """Per identity (backbone x HaS variant), the row with the best mean of `metric`."""
+
+    def score(row: Row) -> float:
+        values = row.values.get(metric)
+        if not values:
+            return -math.inf
+        return statistics.fmean(values) if mode == "max" else -statistics.fmean(values)
+
+    best: dict[tuple, Row] = {}
+    for key, row in rows.items():
+        group = key[:identity]
+        if group not in best or score(row) > score(best[group]):
+            best[group] = row
+    return {row.key: row for row in best.values()}
 
 
 def _cell(values: Sequence[float]) -> str:

@@ -55,6 +55,12 @@ def _quiet_ray_logs() -> None:
     """One line per checkpoint per trial drowns the progress table: keep Ray's warnings only."""
     for name in ("ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    try:  # Ray Train V2 logs every report at INFO under a logger named by its file path
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
 
 
 def _local_run_dir(name: str) -> Path:

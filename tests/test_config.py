@@ -71,3 +71,11 @@ def test_differences_ignore_runtime_keys():
     a = RunConfig()
     b = RunConfig.from_dict({}, ["optim.lr=0.5", "device=cpu", "data.workers=7", "has.mixture=8"])
     assert config_differences(a, b) == {"has.mixture": ("none", "8"), "optim.lr": (0.1, 0.5)}
+
+
+def test_exponent_numbers_in_yaml_are_numbers(tmp_path):
+    # YAML 1.1 reads 1e-5 as a string; a learning rate written that way must still be a number.
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 1e-5\n  weight_decay: 5e-4\n")
+    config = load_config(path, ["optim.momentum=9e-1"])
+    assert (config.optim.lr, config.optim.weight_decay, config.optim.momentum) == (1e-5, 5e-4, 0.9)

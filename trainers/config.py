@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 
 from trainers.backbones import BACKBONES
-from trainers.config_parse import ConfigError, build, flatten, parse_override, set_dotted, to_dict
+from trainers.config_parse import ConfigError, build, flatten, load_yaml, parse_override, set_dotted, to_dict
 from trainers.datasets.synthetic import SyntheticSpec
 from trainers.fills import FILL_STRATEGIES
 from trainers.hide import format_mixture, parse_mixture, validate_p_hide
@@ -132,7 +132,7 @@ class EvalConfig:
 
 # Keys that change how a run executes, not what it computes: a resume may change them.
 RUNTIME_KEYS = frozenset({"data.workers", "eval.workers", "device", "output_dir", "threads", "compile",
-                          "keep_checkpoints", "progress"})
+                          "keep_checkpoints", "progress", "fault_drill_epoch"})
 
 
 @dataclass(frozen=True)
@@ -147,10 +147,12 @@ class RunConfig:
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 autocast on GPU, off on CPU
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
+    sync_batchnorm: bool = True  # DDP on GPUs: BatchNorm statistics over the global batch (CPU: per rank)
     threads: int = 0  # torch intra-op threads (0: torch's default)
     output_dir: str = "runs/default"
     keep_checkpoints: int = 2  # epoch checkpoints kept on disk (the newest)
     progress: bool = True  # progress bar on the console
+    fault_drill_epoch: int = 0  # > 0: a fresh (not resumed) run fails once after this epoch, to drill recovery
 
     def __post_init__(self) -> None:
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
@@ -191,7 +193,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
     if path is not None:
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
         except yaml.YAMLError as error:

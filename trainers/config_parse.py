@@ -3,12 +3,33 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load, but 1e-5 is a number (YAML 1.2) rather than the string '1e-5' (YAML 1.1)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str):
+    """Plain data from YAML text, safely; numbers like 1e-5 are floats."""
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -22,6 +43,8 @@ def _type_name(kind: Any) -> str:
         return " or ".join(_type_name(k) for k in typing.get_args(kind))
     if typing.get_origin(kind) is tuple:
         return f"a list of {_type_name(typing.get_args(kind)[0])}"
+    if typing.get_origin(kind) is dict:
+        return f"a mapping of {_type_name(typing.get_args(kind)[0])} to {_type_name(typing.get_args(kind)[1])}"
     if kind is type(None):
         return "null"
     return {int: "an int", float: "a number", bool: "true/false", str: "a string"}.get(kind, getattr(kind, "__name__", str(kind)))
@@ -53,6 +76,11 @@ def _convert(value: Any, kind: Any, key: str) -> Any:
         if value in typing.get_args(kind):
             return value
         raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {_type_name(kind)}")
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {_type_name(kind)}")
+        key_kind, value_kind = typing.get_args(kind)
+        return {_convert(k, key_kind, f"{key}.{k}"): _convert(v, value_kind, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
             raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {_type_name(kind)}")
@@ -152,7 +180,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not dotted.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value

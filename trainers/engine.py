@@ -60,6 +60,10 @@ class Hook:
     def after_train(self, trainer: Trainer, report: EpochReport) -> None: ...
 
 
+class FaultDrill(RuntimeError):
+    """Raised on purpose (config fault_drill_epoch) to check that a run resumes from its checkpoint."""
+
+
 class OutputDirInUse(FileExistsError):
     """The output folder already holds a run: resume it or pick another folder."""
 
@@ -89,6 +93,8 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):  # the same initial weights for a seed, on every rank
             torch.manual_seed(config.seed)
             self.net = build_backbone(config.model.backbone, self.data.num_classes, config.model.weights)
+        if self.place.distributed and config.sync_batchnorm and self.device.type == "cuda":
+            self.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.net)  # torch syncs BN on GPUs only
         self.net.to(self.device, memory_format=self.memory_format)
         self.model = self.net
         if self.place.distributed:
@@ -158,6 +164,7 @@ class Trainer:
         `allow_changes`: dotted config keys that may differ from the checkpoint's (population-based
         training continues another trial's weights with mutated hyperparameters).
         """
+        fresh = resume_from is None
         if resume_from is not None:
             self.load(resume_from, allow_changes)
         else:
@@ -169,6 +176,9 @@ class Trainer:
         for epoch in range(self.epoch, self.config.optim.epochs):
             metrics = self.train_epoch(epoch)
             report = self._end_of_epoch(epoch, metrics)
+            if fresh and self.epoch == self.config.fault_drill_epoch:
+                raise FaultDrill(f"fault drill after epoch {self.epoch} (fault_drill_epoch): resume from "
+                                 f"{report.checkpoint or 'the checkpoint'} to continue")
         if report is None:  # resumed from the last epoch: nothing left to train
             report = EpochReport(self.epoch, json_metrics(ckpt.list_checkpoints(self.checkpoint_root)[-1]), final=True)
         for hook in self.hooks:

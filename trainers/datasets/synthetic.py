@@ -3,12 +3,13 @@
 Each image holds one object: a textured ellipse (the "body") with a small saturated disc (the
 "part", its head) at one end, on a smooth coloured background with plain clutter discs. The class
 is written twice: the part's hue gives it away perfectly and is the easiest feature a CNN can learn
-(one colour, a 1x1 filter); the body carries it in the orientation of a sinusoidal grating, a
-reliable but harder cue (an oriented filter over several pixels), while the body's own colour is
-drawn independently of the class and shared with the clutter. A plain CAM network solves the task
-with the part and stops learning (its CAM covers the part); when HaS hides the part the loss is only
-lowered by reading the body's texture, so the CAM spreads over the whole object. Ground truth: box
-and mask of body + part, plus the part's box for diagnostics.
+(one colour, a 1x1 filter); the body carries it in a faint sinusoidal grating (tilt 0, +-45 or 90
+degrees x period), a reliable but harder cue (oriented filters over several pixels, against pixel
+noise), while the body's own colour is drawn independently of the class and shared with the
+clutter. A plain CAM network solves the task with the part and stops learning (its CAM covers the
+part); when HaS hides the part the loss is only lowered by reading the body's texture, so the CAM
+spreads over the whole object. Both cues are mirror-symmetric: horizontal flips keep the labels.
+Ground truth: box and mask of body + part, plus the part's box for diagnostics.
 
 Everything is drawn from explicit `torch.Generator`s seeded by (seed, split) and rendered
 vectorised over the images (loops only over clutter discs and chunks of images).
@@ -51,8 +52,8 @@ class SyntheticSpec:
     body_aspect: tuple[float, float] = (0.45, 0.75)
     # Part (head disc) radius range (reference px): small, about 1/10 of the object box area.
     part_radius: tuple[float, float] = (3.0, 4.0)
-    # Peak relative amplitude of the body's grating: the class is readable but subtler than the hue.
-    texture_contrast: tuple[float, float] = (0.25, 0.45)
+    # Peak relative amplitude of the body's grating: faint, so a CNN learns the part's hue first.
+    texture_contrast: tuple[float, float] = (0.08, 0.16)
     # Shortest and longest class period of the grating (reference px); levels are geometric between.
     texture_period: tuple[float, float] = (3.5, 7.0)
     # Relative jitter of the period: the cue stays reliable (levels differ by >= 1.4x) but is noisy.
@@ -64,7 +65,7 @@ class SyntheticSpec:
     # Clutter discs per image are uniform in 0..max_clutter; same colours as bodies, no texture.
     max_clutter: int = 5
     # Std of the Gaussian pixel noise in [0, 1] units.
-    noise_std: float = 0.03
+    noise_std: float = 0.05
 
     def __post_init__(self) -> None:
         _check_int(self, "num_classes", 2, len(TILTS) * MAX_PERIOD_LEVELS)
@@ -120,10 +121,12 @@ def _check_int(spec: SyntheticSpec, name: str, low: int, high: int) -> None:
 
 
 def _check_range(spec: SyntheticSpec, name: str, low: float, high: float) -> None:
+    """A (lo, hi) range; a list (as YAML gives it) is stored as a tuple of floats, keeping the spec hashable."""
     value = getattr(spec, name)
-    if (not isinstance(value, tuple) or len(value) != 2 or not all(map(_is_real, value))
+    if (not isinstance(value, (tuple, list)) or len(value) != 2 or not all(map(_is_real, value))
             or not low <= value[0] <= value[1] <= high):
-        _fail(name, value, f"a tuple (lo, hi) with {low} <= lo <= hi <= {high}")
+        _fail(name, value, f"a pair (lo, hi) with {low} <= lo <= hi <= {high}")
+    object.__setattr__(spec, name, (float(value[0]), float(value[1])))
 
 
 def _check_split(split: object) -> None:

@@ -1,0 +1,201 @@
+"""The sweep on a real Ray: quickstart end to end, DDP trials, node loss, ASHA, retries, driver restarts."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+
+from orchestrator.spaces import load_space, resolve
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+TINY = {"data": {"synthetic": {"train_size": 192, "val_size": 48, "test_size": 40}, "batch_size": 64},
+        "optim": {"epochs": 2, "warmup_epochs": 0}, "eval": {"test_interval": 0.01}, "threads": 1}
+
+pytestmark = pytest.mark.slow
+
+
+def sweep_file(tmp_path, name, **fields) -> Path:
+    fields.setdefault("base", TINY)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps({"name": name, **fields}))  # JSON is YAML
+    return path
+
+
+def run_sweep(*args, timeout=300, **kwargs):
+    return subprocess.run([sys.executable, "-m", "orchestrator.sweep", *args], capture_output=True, text=True,
+                          env=ENV, cwd=ROOT, timeout=timeout, **kwargs)
+
+
+def trial_dirs(experiment: Path) -> list[Path]:
+    return sorted(p for p in experiment.iterdir() if p.is_dir() and (p / "result.json").exists())
+
+
+def results(trial: Path) -> list[dict]:
+    return [json.loads(line) for line in (trial / "result.json").read_text().splitlines() if line.strip()]
+
+
+def test_quickstart_runs_end_to_end_on_reduced_sizes(tmp_path):
+    done = run_sweep("--storage-path", str(tmp_path), "data.synthetic.train_size=192", "data.synthetic.val_size=48",
+                     "data.synthetic.test_size=40", "optim.epochs=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = done.stdout[done.stdout.index("sweep quickstart: 10 trials"):]
+    for row in ("tiny_cnn  none              -", "tiny_cnn  8                 dataset_mean",
+                "tiny_cnn  mixed:0,3,7,9,12  shuffle"):
+        assert row in table
+    assert "test split, mean ± s.d. over seeds" in table
+    trials = trial_dirs(tmp_path / "quickstart")
+    assert len(trials) == 10 and all(results(t)[-1]["training_iteration"] == 2 for t in trials)
+
+
+def _engine_ddp(rank, world, init_file, config_dict, output):
+    import torch.distributed as dist
+
+    from trainers.config import RunConfig
+    from trainers.engine import Trainer
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        metrics = Trainer(RunConfig.from_dict(config_dict)).fit()
+        if rank == 0:
+            Path(output).write_text(json.dumps(metrics))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_two_worker_torchtrainer_trial_computes_what_the_engine_computes(tmp_path):
+    path = sweep_file(tmp_path, "ddp", resources={"cpus": 0.5, "workers": 2})
+    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    (trial,) = trial_dirs(tmp_path / "rr" / "ddp")
+    ray_metrics = results(trial)[-1]
+    # The same config, 2 gloo ranks of the engine without Ray: the very same numbers.
+    config = resolve(load_space(path), {"seed": 0}).replace(output_dir=str(tmp_path / "engine"), progress=False)
+    mp.spawn(_engine_ddp, args=(2, tmp_path / "init", config.to_dict(), tmp_path / "engine.json"), nprocs=2)
+    engine = json.loads((tmp_path / "engine.json").read_text())
+    shared = [k for k in engine if k.startswith(("val/", "test/")) or k == "train/loss"]
+    assert {k: ray_metrics[k] for k in shared} == {k: engine[k] for k in shared}
+    # One process: the same data and steps; BatchNorm sees 64 images instead of 2 x 32 (SyncBatchNorm
+    # needs GPUs), so the numbers are close, not equal.
+    from trainers.engine import Trainer
+
+    single = Trainer(config.replace(output_dir=str(tmp_path / "single"))).fit()
+    assert abs(single["train/loss"] - engine["train/loss"]) < 0.05
+    assert abs(single["test/maxboxacc_v2"] - engine["test/maxboxacc_v2"]) < 10
+
+
+def test_impossible_resources_are_refused_before_anything_runs(tmp_path):
+    path = sweep_file(tmp_path, "greedy", resources={"cpus": 1, "gpus": 1})
+    start = time.monotonic()
+    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"))
+    assert done.returncode == 2
+    assert f"error: {path}: resources.gpus: each trial worker needs GPU 1, but no node has that much (largest: 0;" \
+        in done.stderr
+    assert time.monotonic() - start < 60 and not (tmp_path / "rr" / "greedy").exists()
+
+
+def test_a_failing_trial_resumes_from_its_checkpoint_and_finishes(tmp_path):
+    base = {**TINY, "optim": {"epochs": 4, "warmup_epochs": 0}, "fault_drill_epoch": 2}
+    path = sweep_file(tmp_path, "drill", base=base, max_failures=1)
+    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fault drill after epoch 2" in done.stdout + done.stderr
+    (trial,) = trial_dirs(tmp_path / "rr" / "drill")
+    assert [r["epoch"] for r in results(trial)] == [1.0, 2.0, 3.0, 4.0]  # epochs 3-4 after the restore
+
+
+def test_asha_stops_the_bad_trials_early(tmp_path):
+    base = {**TINY, "optim": {"epochs": 4, "warmup_epochs": 0}}
+    path = sweep_file(tmp_path, "asha", base=base, space={"optim.lr": {"grid": [0.3, 0.1, 1e-5, 1e-6]}},
+                      scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
+                      max_concurrent_trials=1)
+    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    epochs = {results(t)[-1]["config"]["grid"]["optim.lr"]: results(t)[-1]["training_iteration"]
+              for t in trial_dirs(tmp_path / "rr" / "asha")}
+    assert epochs[0.3] == 4 and min(epochs.values()) < 4
+    assert "stopped early by the scheduler" in done.stdout
+
+
+def _wait_for(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def cluster():
+    os.environ.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False,
+        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+                           "health_check_failure_threshold": 3}})
+    yield cluster
+    cluster.shutdown()
+
+
+def test_trials_land_on_workers_and_survive_losing_their_node(tmp_path, cluster):
+    import ray
+    from ray._private.state import available_resources_per_node
+
+    workers = [cluster.add_node(num_cpus=2, resources={"gpu_slot": 1}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    base = {**TINY, "data": {**TINY["data"], "synthetic": {"train_size": 1536, "val_size": 48, "test_size": 40}},
+            "optim": {"epochs": 6, "warmup_epochs": 0}}
+    path = sweep_file(tmp_path, "nodes", base=base, resources={"cpus": 1, "extra": {"gpu_slot": 1}},
+                      storage={"path": str(tmp_path / "rr"), "shared": True}, max_failures=2)
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", "--space", str(path), "--address",
+                               cluster.address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=ENV, cwd=ROOT)
+    experiment = tmp_path / "rr" / "nodes"
+    _wait_for(lambda: experiment.exists() and list(experiment.glob("*/checkpoint_000001")), 180, "2 epochs")
+    ray.init(address=cluster.address)
+    free = available_resources_per_node()  # a resource in full use is absent from its node's entry
+    ray.shutdown()
+    (victim,) = [w for w in workers if free[w.node_id].get("gpu_slot", 0) < 1]  # the trial's worker node
+    cluster.remove_node(victim, allow_graceful=False)
+    output, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 0, output[-3000:]
+    (trial,) = trial_dirs(experiment)
+    epochs = [r["epoch"] for r in results(trial)]
+    assert epochs[-1] == 6.0 and epochs.count(1.0) == 1  # continued from a checkpoint, not from scratch
+
+
+def test_a_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, cluster):
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    base = {**TINY, "optim": {"epochs": 3, "warmup_epochs": 0}}
+    path = sweep_file(tmp_path, "restart", base=base, space={"optim.lr": {"grid": [0.1, 0.05, 0.02, 0.01]}},
+                      max_concurrent_trials=1, storage={"path": str(tmp_path / "rr"), "shared": True, "sync_seconds": 1})
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", "--space", str(path), "--address",
+                               cluster.address], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+                              cwd=ROOT, start_new_session=True)
+    experiment = tmp_path / "rr" / "restart"
+
+    def finished() -> list[Path]:
+        """Trials done by their own results and recorded as TERMINATED in the driver's snapshot."""
+        states = sorted(experiment.glob("experiment_state-*.json")) if experiment.exists() else []
+        if not states or states[-1].read_text().count("TERMINATED") < 2:
+            return []
+        return [t for t in trial_dirs(experiment) if results(t)[-1]["training_iteration"] == 3]
+
+    _wait_for(lambda: len(finished()) >= 2, 240, "two finished trials in the experiment state")
+    before = {t.name: (t / "result.json").read_text() for t in finished()}
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    done = run_sweep("--resume", "restart", "--storage-path", str(tmp_path / "rr"), "--address", cluster.address)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = trial_dirs(experiment)
+    assert len(trials) == 4 and all(results(t)[-1]["training_iteration"] == 3 for t in trials)
+    for name, text in before.items():
+        assert (experiment / name / "result.json").read_text() == text  # not run again
