@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 from orchestrator.spaces import (
@@ -96,6 +97,34 @@ def write_state(spec: SweepSpec, text: str, overrides: list[str], data: str | No
     (folder / STATE_FILE).write_text(state)
 
 
+def tracking_callbacks(spec: SweepSpec, uri: str | None, enabled: bool, nodes_alive: int, spill_dir: Path,
+                       log_model: str) -> list:
+    """The MLflow callback, after checking the tracking URI can serve this cluster and answers now."""
+    if not enabled:
+        return []
+    from orchestrator.tracking import (
+        URI_ENV, cluster_uri_hint, default_tracking_uri, is_local_uri, quiet_mlflow_http,
+    )
+    from orchestrator.tracking_callback import MlflowCallback
+
+    uri = uri or default_tracking_uri()
+    if nodes_alive > 1 and is_local_uri(uri):
+        raise SweepInputError(f"--tracking-uri: {uri} is a store on this machine only, and the cluster has "
+                              f"{nodes_alive} nodes; use {cluster_uri_hint()}")
+    quiet_mlflow_http()
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as error:  # noqa: BLE001 - any failure here means: not usable now
+        raise SweepInputError(f"--tracking-uri: cannot reach {uri} ({str(error).splitlines()[0][:200]}); start the "
+                              "server, or run with --no-tracking") from None
+    os.environ[URI_ENV] = uri  # read by the callback, also after a restore (callbacks come back pickled)
+    os.environ["HAS_SWEEP_SPILL_DIR"] = str(spill_dir)
+    print(f"tracking: MLflow at {uri}, experiment {spec.name!r}")
+    return [MlflowCallback(spec, _space_text(spec), log_model)]
+
+
 def make_trainable(spec: SweepSpec, root: str):
     from ray import tune
 
@@ -160,7 +189,7 @@ def trial_results(spec: SweepSpec, grid) -> list[TrialResult]:
 
 
 def launch(spec: SweepSpec, overrides: list[str], data: str | None, *, resume: bool, address: str | None,
-           tracking_uri: str | None, tracking: bool, callbacks=()) -> int:
+           tracking_uri: str | None, tracking: bool, log_model: str = "state_dict") -> int:
     import ray
     from ray import tune
 
@@ -174,7 +203,10 @@ def launch(spec: SweepSpec, overrides: list[str], data: str | None, *, resume: b
     try:
         nodes = node_capacities()
         concurrent = check_resources(spec, nodes)
-        check_storage(spec, sum(1 for n in ray.nodes() if n.get("Alive")))
+        alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+        check_storage(spec, alive)
+        spill = Path(experiment) if "://" not in root else Path.cwd() / "mlflow_unsent"
+        callbacks = tracking_callbacks(spec, tracking_uri, tracking, alive, spill, log_model)
         trainable = make_trainable(spec, root)
         if resume:
             if not tune.Tuner.can_restore(experiment):

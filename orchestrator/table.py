@@ -26,6 +26,7 @@ class TrialResult:
     metrics: Mapping[str, float]
     status: str = "TERMINATED"  # TERMINATED, ERROR, or STOPPED (by the scheduler)
     trial_id: str = ""
+    run_id: str = ""  # its MLflow run, when read from the tracking store
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Row:
     key: tuple  # values of the identity and varying columns
     values: dict[str, list[float]] = field(default_factory=dict)  # metric -> one value per seed
     seeds: list[int] = field(default_factory=list)
+    members: list[TrialResult] = field(default_factory=list)  # the trials of the row, one per seed
 
     @property
     def is_baseline(self) -> bool:
@@ -86,6 +88,7 @@ def build_table(results: Iterable[TrialResult], split: str | None = None, choose
         key = tuple(_shown(config.get(c, "")) for c in columns)
         row = rows.setdefault(key, Row(key))
         row.seeds.append(int(r.config.get("seed", 0)))
+        row.members.append(r)
         for metric, _ in COLUMNS:
             value = r.metrics.get(f"{split}/{metric}")
             if value is not None and math.isfinite(value):

@@ -1,0 +1,183 @@
+"""The Ray Tune callback that feeds the SweepTracker: the only place that writes to MLflow."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from ray.tune import Callback
+
+from orchestrator.spaces import SweepSpec, resolve, trial_values
+from orchestrator.table import TrialResult, build_table, describe, format_table
+from orchestrator.tracking import URI_ENV, SweepTracker, git_commit, versions
+from trainers.config_parse import flatten
+
+log = logging.getLogger(__name__)
+
+LABEL_KEYS = ("model.backbone", "has.mixture", "has.fill", "has.p_hide")
+
+
+def never_fails(hook):
+    """A tracking problem is reported, never allowed to fail a trial or the sweep."""
+    @functools.wraps(hook)
+    def guarded(self, *args, **kwargs):
+        if self.tracker is None:
+            return None
+        try:
+            return hook(self, *args, **kwargs)
+        except Exception:  # noqa: BLE001 - logged with its traceback; the sweep goes on
+            log.exception("tracking: %s failed; the sweep goes on without this write", hook.__name__)
+            return None
+    return guarded
+
+
+def logged_metrics(result: dict) -> dict[str, float]:
+    """The engine's metrics of a Tune result (split/name keys and the epoch), as floats."""
+    return {k: float(v) for k, v in result.items()
+            if (k == "epoch" or "/" in k) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class MlflowCallback(Callback):
+    """One parent run per sweep, one child run per trial, metrics every epoch, artifacts per checkpoint."""
+
+    def __init__(self, spec: SweepSpec, space_text: str, log_model: str = "state_dict") -> None:
+        self.spec, self.space_text, self.log_model = spec, space_text, log_model
+        self.tracker: SweepTracker | None = None
+        self.summary: str | None = None
+
+    def __getstate__(self) -> dict:  # pickled with the experiment; the live tracker is rebuilt in setup
+        return {k: v for k, v in self.__dict__.items() if k not in ("tracker", "summary")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, tracker=None, summary=None)
+
+    def setup(self, **info) -> None:
+        uri = os.environ.get(URI_ENV)
+        if not uri:  # a resume with --no-tracking: the restored callback stays quiet
+            log.warning("MLflow tracking is off for this run of sweep %s", self.spec.name)
+            return
+        spill = Path(os.environ.get("HAS_SWEEP_SPILL_DIR") or tempfile.gettempdir()) / f"mlflow_unsent_{self.spec.name}"
+        self.tracker = SweepTracker(uri, self.spec.name, spill, self.spec.fields.metric, self.spec.fields.mode,
+                                    self.log_model)
+        tags = {"space_hash": self.spec.space_hash, "metric": self.spec.fields.metric, "mode": self.spec.fields.mode,
+                "searched": ",".join(self.spec.random_keys), "space_file": self.spec.source, **versions()}
+        commit = git_commit()
+        if commit:
+            tags["git_commit"] = commit
+        self.tracker.start_sweep(tags, {Path(self.spec.source).name or "sweep.yaml": self.space_text})
+
+    # ---- per trial -----------------------------------------------------------------------
+
+    def _config(self, trial) -> dict:
+        return flatten(resolve(self.spec, trial_values(self.spec, trial.config)).to_dict())
+
+    def _start(self, trial):
+        config = self._config(trial)
+        label = " | ".join(str(config[k]) for k in LABEL_KEYS if k in config) + f" | seed {config.get('seed')}"
+        params = {k: v for k, v in config.items() if k not in ("output_dir", "progress")}
+        return self.tracker.start_trial(trial.trial_id, label, params)
+
+    @never_fails
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._start(trial)
+
+    @never_fails
+    def on_trial_restore(self, iteration, trials, trial, **info) -> None:
+        self._start(trial)
+
+    @never_fails
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._start(trial)
+        step = int(result.get("training_iteration", 0))
+        self.tracker.log_metrics(trial.trial_id, logged_metrics(result), step)
+        if isinstance(result.get("checkpoint_path"), str):  # multi-worker trials: Ray Train's checkpoint
+            self._log_folder(trial, result["checkpoint_path"])
+
+    @never_fails
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
+        self._start(trial)
+        self._log_folder(trial, checkpoint)
+
+    def _log_folder(self, trial, checkpoint) -> None:
+        from ray.tune import Checkpoint
+
+        if isinstance(checkpoint, str):
+            checkpoint = Checkpoint(checkpoint)
+        with checkpoint.as_directory() as folder:
+            folder = Path(folder)
+            metrics = json.loads((folder / "metrics.json").read_text())
+            best = self.tracker.is_best(trial.trial_id, metrics)
+            self.tracker.log_evaluation(trial.trial_id, folder, int(metrics.get("epoch", 0)), best)
+
+    @never_fails
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._start(trial)
+        epochs = resolve(self.spec, trial_values(self.spec, trial.config)).optim.epochs
+        done = int((trial.last_result or {}).get("training_iteration", 0))
+        checkpoint = trial.checkpoint
+        if checkpoint is not None and done >= epochs:
+            with checkpoint.as_directory() as folder:
+                self.tracker.log_model(trial.trial_id, Path(folder))
+        status = "completed" if done >= epochs else "stopped_early"
+        tags = {"status": status}
+        if status == "stopped_early":
+            tags["stopped_at_epoch"] = str(done)
+        self.tracker.end_trial(trial.trial_id, "FINISHED", tags)
+
+    @never_fails
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._start(trial)
+        error = getattr(trial, "error_msg", None) or "the trial failed"
+        self.tracker.end_trial(trial.trial_id, "FAILED", {"status": "failed", "error": str(error)[-4000:]})
+
+    # ---- the sweep -----------------------------------------------------------------------
+
+    @never_fails
+    def on_experiment_end(self, trials, **info) -> None:
+        from orchestrator.report import best_and_baseline, mosaic, write_report
+
+        results = []
+        epochs = {}
+        for trial in trials:
+            config = self._config(trial)
+            last = trial.last_result or {}
+            epochs[trial.trial_id] = int(last.get("training_iteration", 0))
+            status = {"TERMINATED": "TERMINATED", "ERROR": "ERROR"}.get(trial.status, trial.status)
+            if status == "TERMINATED" and epochs[trial.trial_id] < config.get("optim.epochs", 0):
+                status = "STOPPED"
+            results.append(TrialResult(config, logged_metrics(last), status, trial.trial_id))
+        table = build_table(results, choose_by=self.spec.fields.metric if self.spec.random_keys else None,
+                            mode=self.spec.fields.mode)
+        folder = Path(tempfile.mkdtemp(prefix=f"report-{self.spec.name}-"))
+        write_report(table, folder)
+        (folder / "table.txt").write_text(format_table(table, "text") + describe(table) + "\n")
+        pair = best_and_baseline(table, self.spec.fields.metric)
+        by_id = {t.trial_id: t for t in trials}
+        if pair:
+            overlays = [_last_overlay(by_id[r.trial_id]) for r in pair]
+            if all(overlays):
+                captions = tuple(f"{r.config['model.backbone']}, {r.config['has.mixture']}, "
+                                 f"{r.config['has.fill']}, seed {r.config['seed']}" for r in pair)
+                mosaic(overlays[0], overlays[1], captions, folder / "cam_best_vs_baseline.png")
+        self.tracker.log_parent_files(folder, "report")
+        failed = any(r.status == "ERROR" for r in results)
+        self.summary = self.tracker.end_sweep("FAILED" if failed else "FINISHED")
+        if self.summary:
+            print(f"\ntracking: {self.summary}")
+
+
+def _last_overlay(trial) -> Path | None:
+    """A copy of the test CAM overlay in the trial's last checkpoint."""
+    checkpoint = getattr(trial, "checkpoint", None)
+    if checkpoint is None:
+        return None
+    target = Path(tempfile.mkdtemp(prefix="overlay-"))
+    with checkpoint.as_directory() as folder:
+        source = Path(folder) / "artifacts" / "test_cam_overlay.png"
+        if not source.exists():
+            return None
+        (target / source.name).write_bytes(source.read_bytes())
+    return target / source.name
