@@ -27,9 +27,19 @@ def sweep_file(tmp_path, name, **fields) -> Path:
     return path
 
 
-def run_sweep(*args, timeout=300, **kwargs):
-    return subprocess.run([sys.executable, "-m", "orchestrator.sweep", *args], capture_output=True, text=True,
-                          env=ENV, cwd=ROOT, timeout=timeout, **kwargs)
+def run_sweep(*args, timeout=300, cwd=ROOT, module="orchestrator.sweep"):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          env=ENV, cwd=cwd, timeout=timeout)
+
+
+def mlflow_runs(uri: str, sweep: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(sweep).experiment_id])
+    parents = [r for r in runs if r.data.tags["has_sweep.role"] == "sweep"]
+    children = [r for r in runs if r.data.tags["has_sweep.role"] == "trial"]
+    return client, parents, children
 
 
 def trial_dirs(experiment: Path) -> list[Path]:
@@ -41,16 +51,28 @@ def results(trial: Path) -> list[dict]:
 
 
 def test_quickstart_runs_end_to_end_on_reduced_sizes(tmp_path):
-    done = run_sweep("--storage-path", str(tmp_path), "data.synthetic.train_size=192", "data.synthetic.val_size=48",
-                     "data.synthetic.test_size=40", "optim.epochs=2")
+    # In a fresh folder, as a newcomer would: MLflow's default store appears there (./mlflow.db).
+    done = run_sweep("--storage-path", str(tmp_path / "rr"), "data.synthetic.train_size=192",
+                     "data.synthetic.val_size=48", "data.synthetic.test_size=40", "optim.epochs=2", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     table = done.stdout[done.stdout.index("sweep quickstart: 10 trials"):]
     for row in ("tiny_cnn  none              -", "tiny_cnn  8                 dataset_mean",
                 "tiny_cnn  mixed:0,3,7,9,12  shuffle"):
         assert row in table
     assert "test split, mean ± s.d. over seeds" in table
-    trials = trial_dirs(tmp_path / "quickstart")
+    trials = trial_dirs(tmp_path / "rr" / "quickstart")
     assert len(trials) == 10 and all(results(t)[-1]["training_iteration"] == 2 for t in trials)
+    # The tracking store holds the same sweep, and the report reads the same numbers back from it.
+    client, parents, children = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "quickstart")
+    assert len(parents) == 1 and len(children) == 10 and parents[0].info.status == "FINISHED"
+    assert all([m.step for m in client.get_metric_history(c.info.run_id, "val/maxboxacc_v2")] == [1, 2]
+               for c in children)
+    report = run_sweep("quickstart", cwd=tmp_path, module="orchestrator.report")
+    assert report.returncode == 0, report.stderr
+    rows = [line for line in table.splitlines() if line.startswith("tiny_cnn")]
+    assert [line for line in report.stdout.splitlines() if line.startswith("tiny_cnn")] == rows
+    assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")} >= {
+        "report/table.md", "report/metrics_vs_patch_size.png", "report/cam_best_vs_baseline.png"}
 
 
 def _engine_ddp(rank, world, init_file, config_dict, output):
@@ -102,11 +124,14 @@ def test_impossible_resources_are_refused_before_anything_runs(tmp_path):
 def test_a_failing_trial_resumes_from_its_checkpoint_and_finishes(tmp_path):
     base = {**TINY, "optim": {"epochs": 4, "warmup_epochs": 0}, "fault_drill_epoch": 2}
     path = sweep_file(tmp_path, "drill", base=base, max_failures=1)
-    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"))
+    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fault drill after epoch 2" in done.stdout + done.stderr
     (trial,) = trial_dirs(tmp_path / "rr" / "drill")
     assert [r["epoch"] for r in results(trial)] == [1.0, 2.0, 3.0, 4.0]  # epochs 3-4 after the restore
+    client, _, children = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "drill")
+    assert len(children) == 1 and children[0].info.status == "FINISHED"  # the retry kept its run
+    assert [m.step for m in client.get_metric_history(children[0].info.run_id, "epoch")] == [1, 2, 3, 4]
 
 
 def test_asha_stops_the_bad_trials_early(tmp_path):
@@ -154,9 +179,12 @@ def test_trials_land_on_workers_and_survive_losing_their_node(tmp_path, cluster)
             "optim": {"epochs": 6, "warmup_epochs": 0}}
     path = sweep_file(tmp_path, "nodes", base=base, resources={"cpus": 1, "extra": {"gpu_slot": 1}},
                       storage={"path": str(tmp_path / "rr"), "shared": True}, max_failures=2)
+    refused = run_sweep("--space", str(path), "--address", cluster.address)
+    assert refused.returncode == 2 and "is a store on this machine only, and the cluster has 3 nodes; use " \
+        "--tracking-uri http://<head private address>:5000" in refused.stderr
     driver = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", "--space", str(path), "--address",
-                               cluster.address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=ENV, cwd=ROOT)
+                               cluster.address, "--no-tracking"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=ENV, cwd=ROOT)
     experiment = tmp_path / "rr" / "nodes"
     _wait_for(lambda: experiment.exists() and list(experiment.glob("*/checkpoint_000001")), 180, "2 epochs")
     ray.init(address=cluster.address)
@@ -172,14 +200,17 @@ def test_trials_land_on_workers_and_survive_losing_their_node(tmp_path, cluster)
 
 
 def test_a_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, cluster):
+    from mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path / "mlflow").start()
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     base = {**TINY, "optim": {"epochs": 3, "warmup_epochs": 0}}
     path = sweep_file(tmp_path, "restart", base=base, space={"optim.lr": {"grid": [0.1, 0.05, 0.02, 0.01]}},
                       max_concurrent_trials=1, storage={"path": str(tmp_path / "rr"), "shared": True, "sync_seconds": 1})
     driver = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", "--space", str(path), "--address",
-                               cluster.address], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
-                              cwd=ROOT, start_new_session=True)
+                               cluster.address, "--tracking-uri", server.uri], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT, start_new_session=True)
     experiment = tmp_path / "rr" / "restart"
 
     def finished() -> list[Path]:
@@ -193,9 +224,14 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, clu
     before = {t.name: (t / "result.json").read_text() for t in finished()}
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    done = run_sweep("--resume", "restart", "--storage-path", str(tmp_path / "rr"), "--address", cluster.address)
+    done = run_sweep("--resume", "restart", "--storage-path", str(tmp_path / "rr"), "--address", cluster.address,
+                     "--tracking-uri", server.uri)
     assert done.returncode == 0, done.stderr[-3000:]
     trials = trial_dirs(experiment)
     assert len(trials) == 4 and all(results(t)[-1]["training_iteration"] == 3 for t in trials)
     for name, text in before.items():
         assert (experiment / name / "result.json").read_text() == text  # not run again
+    client, parents, children = mlflow_runs(server.uri, "restart")
+    server.stop()
+    assert len(parents) == 1 and len(children) == 4  # the same runs continued: no duplicates
+    assert parents[0].info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)

@@ -1,0 +1,177 @@
+"""MLflow tracking against a real `mlflow server` on 127.0.0.1: structure, resume, outages, report."""
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from mlflow_server import MlflowServer
+from orchestrator.report import results_from_mlflow
+from orchestrator.table import TrialResult, build_table, format_table
+from orchestrator.tracking import SweepTracker
+from trainers.backbones import build_backbone
+from trainers.checkpoint import list_checkpoints
+from trainers.config import RunConfig
+from trainers.config_parse import flatten
+from trainers.engine import Trainer
+
+TRIALS = ("t0", "t1", "t2")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Real epoch checkpoint folders of a 2-epoch engine run."""
+    folder = tmp_path_factory.mktemp("run")
+    config = RunConfig.from_dict({}, [f"output_dir={folder}", "data.synthetic.train_size=128", "data.synthetic.val_size=32",
+                                      "data.synthetic.test_size=32", "optim.epochs=2", "optim.warmup_epochs=0",
+                                      "eval.test_interval=0.01", "progress=false"])
+    Trainer(config).fit()
+    return config, list_checkpoints(folder / "checkpoints")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the module (it starts in ~15 s); each test uses its own sweep name."""
+    server = MlflowServer(tmp_path_factory.mktemp("server")).start()
+    yield server
+    server.stop()
+
+
+def wait_until(condition, seconds=20.0):
+    import time
+
+    end = time.monotonic() + seconds
+    while not condition() and time.monotonic() < end:
+        time.sleep(0.1)
+    return condition()
+
+
+def metrics_of(folder: Path) -> dict:
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def run_sweep(tracker: SweepTracker, config: RunConfig, folders, epochs=(1, 2)) -> list[TrialResult]:
+    """What the Tune callback does for three trials that each train `epochs`."""
+    tracker.start_sweep({"metric": "val/maxboxacc_v2"}, {"sweep.yaml": "name: s\n"})
+    results = []
+    for index, trial in enumerate(TRIALS):
+        params = flatten(config.replace(seed=index).to_dict())
+        tracker.start_trial(trial, f"trial {trial}", params)
+        for epoch in epochs:
+            metrics = metrics_of(folders[epoch - 1])
+            tracker.log_metrics(trial, {**metrics, "val/cls_top1": metrics["val/cls_top1"] + index}, epoch)
+            tracker.log_evaluation(trial, folders[epoch - 1], epoch, tracker.is_best(trial, metrics))
+        tracker.log_model(trial, folders[-1])
+        tracker.end_trial(trial, "FINISHED", {"status": "completed"})
+        final = {**metrics_of(folders[-1])}
+        final["val/cls_top1"] += index
+        results.append(TrialResult(params, final, "TERMINATED", trial))
+    return results
+
+
+def test_one_parent_one_child_per_trial_with_params_metrics_and_artifacts(server, checkpoints, tmp_path):
+    config, folders = checkpoints
+    tracker = SweepTracker(server.uri, "structure", tmp_path / "spill")
+    run_sweep(tracker, config, folders)
+    assert tracker.end_sweep() is None
+    client = MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("structure")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags["has_sweep.role"] == "sweep"]
+    children = [r for r in runs if r.data.tags["has_sweep.role"] == "trial"]
+    assert len(parents) == 1 and len(children) == 3
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert {r.data.tags["trial_id"] for r in children} == set(TRIALS)
+    assert all(r.info.status == "FINISHED" and r.data.tags["status"] == "completed" for r in children)
+    child = next(r for r in children if r.data.tags["trial_id"] == "t1")
+    assert child.data.params["has.mixture"] == "none" and child.data.params["seed"] == "1"
+    history = client.get_metric_history(child.info.run_id, "val/maxboxacc_v2")
+    assert [(m.step, m.value) for m in history] == [(e, metrics_of(folders[e - 1])["val/maxboxacc_v2"]) for e in (1, 2)]
+    names = {a.path for folder in ("evaluations/epoch_0002", "predictions/last", "model")
+             for a in client.list_artifacts(child.info.run_id, folder)}
+    assert {"evaluations/epoch_0002/test_cam_overlay.png", "evaluations/epoch_0002/val_box_accuracy.png",
+            "predictions/last/test_predictions.parquet", "model/state_dict.pt"} <= names
+    table = pq.read_table(client.download_artifacts(child.info.run_id, "predictions/last/test_predictions.parquet",
+                                                    str(tmp_path)))
+    assert table.num_rows == 32 and {"image_id", "best_iou", "correct_iou50", "epoch"} <= set(table.column_names)
+    state = torch.load(client.download_artifacts(child.info.run_id, "model/state_dict.pt", str(tmp_path)),
+                       weights_only=True)
+    build_backbone("tiny_cnn", 6).load_state_dict(state)  # the final model loads into its backbone
+    assert parents[0].info.status == "FINISHED"
+
+
+def test_a_resumed_sweep_continues_the_same_runs_without_duplicates(server, checkpoints, tmp_path):
+    config, folders = checkpoints
+    first = SweepTracker(server.uri, "resumed", tmp_path / "spill")
+    first.start_sweep({}, {})
+    first.start_trial("t0", "t0", flatten(config.to_dict()))
+    first.log_metrics("t0", metrics_of(folders[0]), 1)
+    assert first.end_sweep() is None
+    again = SweepTracker(server.uri, "resumed", tmp_path / "spill")  # the restored driver
+    again.start_sweep({}, {})
+    again.start_trial("t0", "t0", flatten(config.to_dict()))
+    again.log_metrics("t0", metrics_of(folders[0]), 1)  # reported again after the restore: skipped
+    again.log_metrics("t0", metrics_of(folders[1]), 2)
+    assert again.end_sweep() is None
+    client = MlflowClient(server.uri)
+    runs = client.search_runs([client.get_experiment_by_name("resumed").experiment_id])
+    assert len(runs) == 2  # one parent, one child
+    child = next(r for r in runs if r.data.tags["has_sweep.role"] == "trial")
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "epoch")] == [1, 2]
+
+
+def test_a_server_stopped_and_restarted_mid_sweep_loses_no_metric(server, checkpoints, tmp_path):
+    config, folders = checkpoints
+    tracker = SweepTracker(server.uri, "outage", tmp_path / "spill")
+    tracker.start_sweep({}, {})
+    tracker.start_trial("t0", "t0", flatten(config.to_dict()))
+    tracker.log_metrics("t0", {"val/x": 1.0}, 1)
+    assert tracker.writer.flush(30)
+    server.stop()
+    for epoch in (2, 3, 4):  # the sweep goes on; these wait in the queue
+        tracker.log_metrics("t0", {"val/x": float(epoch)}, epoch)
+    tracker.log_evaluation("t0", folders[1], 4, True)
+    assert wait_until(lambda: tracker.writer.outages == 1) and tracker.writer.pending > 0
+    server.start()
+    assert tracker.end_sweep(flush_timeout=120) is None
+    client = MlflowClient(server.uri)
+    child = next(r for r in client.search_runs([client.get_experiment_by_name("outage").experiment_id])
+                 if r.data.tags["has_sweep.role"] == "trial")
+    assert [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, "val/x")] == \
+        [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+    assert any(a.path.endswith("epoch_0004") for a in client.list_artifacts(child.info.run_id, "evaluations"))
+
+
+def test_writes_that_never_reach_the_server_are_saved_and_reported(server, checkpoints, tmp_path):
+    config, folders = checkpoints
+    tracker = SweepTracker(server.uri, "lost", tmp_path / "spill")
+    tracker.start_sweep({}, {})
+    tracker.start_trial("t0", "t0", flatten(config.to_dict()))
+    assert tracker.writer.flush(30)
+    server.stop()
+    try:
+        tracker.log_metrics("t0", {"val/x": 7.0}, 5)
+        tracker.log_evaluation("t0", folders[1], 5, True)
+        summary = tracker.end_sweep(flush_timeout=3)
+    finally:
+        server.start()  # for the next tests of the module
+    assert summary.startswith("3 tracking writes could not be made (the tracking server did not answer")
+    assert f"saved in {tmp_path / 'spill' / 'unsent.jsonl'}" in summary
+    lines = [json.loads(line) for line in (tmp_path / "spill" / "unsent.jsonl").read_text().splitlines()]
+    assert [line["kind"] for line in lines] == ["metrics", "artifacts", "end_sweep"]
+    assert lines[0]["metrics"] == {"val/x": 7.0} and lines[0]["step"] == 5
+    assert any(Path(f).joinpath("artifacts", "test_cam_overlay.png").exists() for f in lines[1]["files"])
+
+
+def test_the_report_shows_the_numbers_that_are_in_the_runs(server, checkpoints, tmp_path):
+    config, folders = checkpoints
+    tracker = SweepTracker(server.uri, "report", tmp_path / "spill")
+    logged = run_sweep(tracker, config, folders)
+    assert tracker.end_sweep() is None
+    parent, results = results_from_mlflow(MlflowClient(server.uri), "report")
+    assert parent.data.tags["metric"] == "val/maxboxacc_v2"
+    assert format_table(build_table(results), "csv") == format_table(build_table(logged), "csv")
+    row = build_table(results, "val").rows[0]
+    assert sorted(row.values["cls_top1"]) == sorted(r.metrics["val/cls_top1"] for r in logged)
