@@ -87,14 +87,15 @@ class HasConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    # Defaults: the recipe that trains tiny_cnn on the synthetic set (docs/synthetic.md).
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.1
+    lr: float = 0.2
     momentum: float = 0.9  # SGD momentum (AdamW: beta1)
     weight_decay: float = 5e-4
     nesterov: bool = True
-    epochs: int = 10
+    epochs: int = 12
     schedule: Literal["cosine", "step", "constant"] = "cosine"
-    warmup_epochs: float = 1.0  # linear warm-up from lr/10, counted in (fractional) epochs
+    warmup_epochs: float = 1.8  # linear warm-up from lr/10, in (fractional) epochs: 15% of 12
     step_epochs: int = 0  # schedule 'step': multiply by gamma every this many epochs (0: epochs // 3)
     gamma: float = 0.1
     label_smoothing: float = 0.0
