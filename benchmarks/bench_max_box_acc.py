@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from _timing import sys  # noqa: F401  (puts tests/ on the path)
+import _timing  # noqa: F401 - puts tests/ on the path
 from cam_samples import sample_cams
 from trainers.boxes import cam_thresholds
 from trainers.localize import BoxCurves, check_gt_boxes, max_box_acc, quantize_cams, summarize_curves

@@ -7,9 +7,8 @@ import math
 import os
 from pathlib import Path
 
-from orchestrator.spaces import (
-    TRIAL_DRIVER_CPU, SweepInputError, SweepSpec, resolve, trial_values, tune_domains, tune_search,
-)
+from orchestrator.search import resolve, trial_values, tune_domains, tune_search
+from orchestrator.spaces import TRIAL_DRIVER_CPU, SweepInputError, SweepSpec
 from orchestrator.table import TrialResult, build_table, describe, format_table
 from trainers.config_parse import flatten
 
@@ -141,7 +140,6 @@ def make_trainable(spec: SweepSpec, root: str):
 
 
 def make_scheduler(spec: SweepSpec):
-    from ray import tune
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
     scheduler = spec.fields.scheduler

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import itertools
 import math
 import random
 from collections.abc import Mapping
@@ -46,7 +45,7 @@ class Domain:
     values: tuple  # grid/choice values, (low, high) bounds, or the sizes of sampled_weights
 
     @property
-    def random(self) -> bool:
+    def is_random(self) -> bool:
         return self.kind not in ("grid", "bundle")
 
     def sample(self, rng: random.Random) -> Any:
@@ -165,7 +164,7 @@ class SweepSpec:
 
     @property
     def random_keys(self) -> list[str]:
-        return [k for k, d in self.domains.items() if d.random]
+        return [k for k, d in self.domains.items() if d.is_random]
 
 
 def _error(source: str, message: str) -> SpaceError:
@@ -309,161 +308,3 @@ def _check_combinations(spec: SweepSpec) -> None:
                                   "(resources.workers > 1) do not have: use asha or fifo, or workers: 1")
     if scheduler == "pbt" and not spec.random_keys:
         raise _error(spec.source, "scheduler.name: pbt needs at least one random domain to mutate")
-
-
-def _apply(data: dict, values: Mapping[str, Any]) -> dict:
-    out = yaml.safe_load(yaml.safe_dump(data))  # a deep copy of plain data
-    for key, value in values.items():
-        set_dotted(out, key, value)
-    return out
-
-
-def collapse_weights(values: Mapping[str, Any]) -> dict[str, Any]:
-    """has.mixture.w<size> sampled weights -> one has.mixture value ('weighted:...')."""
-    weights = {int(k[len(WEIGHT_PREFIX):]): float(v) for k, v in values.items() if k.startswith(WEIGHT_PREFIX)}
-    rest = {k: v for k, v in values.items() if not k.startswith(WEIGHT_PREFIX)}
-    if weights:
-        if sum(weights.values()) <= 0:
-            weights = {size: 1.0 for size in weights}
-        rest["has.mixture"] = format_mixture(weights)
-    return rest
-
-
-def resolve(spec: SweepSpec, values: Mapping[str, Any]) -> RunConfig:
-    """The RunConfig of one trial: base, then fixed values, then the trial's own values."""
-    merged = collapse_weights({**spec.fixed, **values})
-    return RunConfig.from_dict(_apply(spec.base, merged))
-
-
-def effective_key(config: RunConfig) -> str:
-    """Two configs that train the same thing have the same key (the fill does not matter without hiding)."""
-    if not config.has.enabled:
-        defaults = RunConfig().has
-        config = config.replace(has=type(config.has)(mixture="none", p_hide=defaults.p_hide, fill=defaults.fill))
-    return yaml.safe_dump(config.replace(output_dir="").to_dict(), sort_keys=True)
-
-
-def grid_points(spec: SweepSpec, with_seeds: bool = True) -> list[dict[str, Any]]:
-    """Every trial of a grid / random search: grid combinations x `num_samples` draws of the random
-    domains (drawn here, reproducibly from search.seed, and shared by the seeds) x seeds; duplicates
-    that would train the same thing are dropped."""
-    keys = spec.grid_keys
-    rng = random.Random(spec.fields.search.seed)
-    draws = spec.fields.search.num_samples if spec.random_keys else 1
-    seeds = spec.fields.seeds if with_seeds else (spec.fields.seeds[0],)
-    points, seen = [], set()
-    for combo in itertools.product(*(spec.domains[k].values for k in keys)):
-        for _ in range(draws):
-            sampled = _sample_random(spec, rng)
-            axes: dict[str, Any] = {}
-            for key, value in zip(keys, combo):
-                axes.update(value if spec.domains[key].kind == "bundle" else {key: value})
-            own = {k: v for k, v in sampled.items() if k not in axes}  # a bundle's values win over samples
-            for seed in seeds:
-                point = {**axes, **own, SEED_KEY: seed}
-                key = effective_key(resolve(spec, point))
-                if key in seen:
-                    continue
-                seen.add(key)
-                points.append(point if with_seeds else {k: v for k, v in point.items() if k != SEED_KEY})
-    return points
-
-
-def _sample_random(spec: SweepSpec, rng: random.Random) -> dict[str, Any]:
-    """One draw of every random domain (sampled mixture weights as has.mixture.w<size>)."""
-    values = {}
-    for key, domain in spec.domains.items():
-        if not domain.random:
-            continue
-        if domain.kind == "sampled_weights":
-            for size in domain.values:
-                values[f"{WEIGHT_PREFIX}{size}"] = round(rng.random(), 4)
-        else:
-            value = domain.sample(rng)
-            values[key] = round(value, 6) if isinstance(value, float) else value
-    return values
-
-
-def validate(spec: SweepSpec, samples: int = 8) -> int:
-    """Turn every trial (and for optuna `samples` draws per grid point) into a RunConfig; returns the count."""
-    rng = random.Random(spec.fields.search.seed)
-    try:
-        points = grid_points(spec)
-    except (ConfigError, ValueError) as error:
-        raise _error(spec.source, str(error)) from None
-    extra = samples if spec.fields.search.algorithm == "optuna" and spec.random_keys else 0
-    for point in points:
-        for _ in range(extra):
-            values = {**point, **_sample_random(spec, rng)}
-            try:
-                resolve(spec, values)
-            except (ConfigError, ValueError) as error:
-                shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
-                raise _error(spec.source, f"{error} (in the trial {shown})") from None
-    for key, domain in spec.domains.items():  # the bounds themselves must be valid values
-        if domain.kind in ("uniform", "loguniform", "randint"):
-            for bound in (domain.values[0], domain.values[1] - (1 if domain.kind == "randint" else 0)):
-                try:
-                    resolve(spec, {**points[0], key: bound})
-                except (ConfigError, ValueError) as error:
-                    raise _error(spec.source, f"space.{key}: the bound {bound!r} gives: {error}") from None
-    return len(points)
-
-
-def trial_values(spec: SweepSpec, params: Mapping[str, Any]) -> dict[str, Any]:
-    """The dotted values of one Tune trial's params (grid point, sampled values, repeat index -> seed)."""
-    from ray.tune.search.repeater import TRIAL_INDEX
-
-    values: dict[str, Any] = {}
-    for key, value in {**params.get("grid", {}), **params.get("trial", {})}.items():
-        domain = spec.domains.get(key)
-        if domain is not None and domain.kind == "bundle":  # optuna picks a bundle by its index
-            values.update(domain.values[value] if isinstance(value, int) else value)
-        else:
-            values[key] = value
-    if TRIAL_INDEX in params:  # optuna with several seeds: the Repeater numbers the copies
-        values[SEED_KEY] = spec.fields.seeds[int(params[TRIAL_INDEX]) % len(spec.fields.seeds)]
-    values.setdefault(SEED_KEY, spec.fields.seeds[0])
-    return values
-
-
-def tune_domains(spec: SweepSpec) -> dict[str, Any]:
-    """The random domains as Tune domains, under their dotted keys (optuna's space, PBT's mutations)."""
-    from ray import tune
-
-    domains: dict[str, Any] = {}
-    for key, domain in spec.domains.items():
-        if domain.kind == "choice":
-            domains[key] = tune.choice(list(domain.values))
-        elif domain.kind == "uniform":
-            domains[key] = tune.uniform(*domain.values)
-        elif domain.kind == "loguniform":
-            domains[key] = tune.loguniform(*domain.values)
-        elif domain.kind == "randint":
-            domains[key] = tune.randint(*domain.values)
-        elif domain.kind == "sampled_weights":
-            for size in domain.values:
-                domains[f"{WEIGHT_PREFIX}{size}"] = tune.uniform(0.0, 1.0)
-    return domains
-
-
-def tune_search(spec: SweepSpec):
-    """(param_space, search_alg or None, num_samples) for ray.tune.Tuner."""
-    from ray import tune
-
-    search = spec.fields.search
-    if search.algorithm != "optuna":  # every trial is listed: random draws are made in grid_points
-        return {"grid": tune.grid_search(grid_points(spec))}, None, 1
-    from ray.tune.search import Repeater
-    from ray.tune.search.optuna import OptunaSearch
-
-    sampled = tune_domains(spec)
-    for key in spec.grid_keys:  # optuna has no grids: a grid becomes a categorical choice
-        domain = spec.domains[key]
-        options = range(len(domain.values)) if domain.kind == "bundle" else domain.values
-        sampled[key] = tune.choice(list(options))
-    searcher = OptunaSearch(metric=spec.fields.metric, mode=spec.fields.mode, seed=search.seed)
-    repeats = len(spec.fields.seeds)
-    if repeats > 1:  # every configuration Optuna proposes runs once per seed; it sees their mean
-        searcher = Repeater(searcher, repeat=repeats)
-    return {"trial": sampled}, searcher, search.num_samples * repeats

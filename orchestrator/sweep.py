@@ -78,7 +78,7 @@ def load_sweep(args: argparse.Namespace):
     if storage:
         spec = replace(spec, fields=replace(spec.fields, storage=replace(spec.fields.storage, path=storage)))
     try:
-        from orchestrator.spaces import validate
+        from orchestrator.search import validate
 
         validate(spec)
     except (SpaceError, ConfigError, ValueError) as error:
@@ -109,7 +109,8 @@ def _read_state(storage: str | None, name: str) -> dict:
 
 def check_data(spec) -> None:
     """Folder datasets: the metadata and image files are checked once here, not in every trial."""
-    from orchestrator.spaces import SweepInputError, resolve
+    from orchestrator.search import resolve
+    from orchestrator.spaces import SweepInputError
 
     config = resolve(spec, {"seed": spec.fields.seeds[0]})
     if config.data.name == "synthetic":
@@ -130,7 +131,7 @@ def check_data(spec) -> None:
 
 def describe_trials(spec) -> str:
     """The dry run: every trial (grid point x seed, random domains as domains) and what it needs."""
-    from orchestrator.spaces import grid_points, resolve
+    from orchestrator.search import grid_points, resolve
 
     points = grid_points(spec)
     resources = spec.fields.resources
@@ -145,7 +146,7 @@ def describe_trials(spec) -> str:
     if spec.fields.gpu_hours:
         lines.append(f"estimate from the sweep file: {spec.fields.gpu_hours:g} GPU-hours")
     for key, domain in spec.domains.items():
-        if domain.random:
+        if domain.is_random:
             lines.append(f"  sampled per trial: {key} ~ {domain.describe()}")
     if search.algorithm == "optuna":
         lines.append(f"  optuna proposes {search.num_samples} configurations, each run with seeds {list(spec.fields.seeds)}")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from orchestrator.spaces import SweepSpec, resolve, trial_values
+from orchestrator.search import resolve, trial_values
+from orchestrator.spaces import SweepSpec
 from orchestrator.table import TrialResult, build_table, describe, format_table
 from orchestrator.tracking import URI_ENV, SweepTracker, git_commit, versions
 from trainers.config_parse import flatten

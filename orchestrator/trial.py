@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from orchestrator.spaces import SweepSpec, resolve, trial_values
+from orchestrator.search import resolve, trial_values
+from orchestrator.spaces import SweepSpec
 from trainers.config import RunConfig
 from trainers.engine import EpochReport, Hook, Trainer
 

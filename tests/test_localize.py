@@ -171,3 +171,13 @@ def test_pxap_mask_shape_mismatch_and_missing_objects_are_refused():
         pxap(np.zeros((1, 4, 4)), np.zeros((1, 3, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match="have no object pixel"):
         pxap(np.zeros((1, 4, 4)), np.zeros((1, 4, 4), dtype=np.uint8))
+
+
+def test_center_gaussian_baseline_finds_a_centred_box_and_nothing_else():
+    from trainers.localize import center_gaussian_cams
+
+    cams = center_gaussian_cams(2, 32)
+    assert cams.shape == (2, 32, 32) and float(cams.max()) == 1.0 and float(cams.min()) == 0.0
+    assert torch.equal(cams[0], cams[0].flip(0)) and torch.equal(cams[0], cams[0].T)  # centred, isotropic
+    centred, corner = np.array([[8, 8, 23, 23]]), np.array([[0, 0, 7, 7]])
+    assert max_box_acc(cams, [centred, corner])[0.5] == 50.0  # the centred box is found, the corner one never

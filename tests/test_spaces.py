@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.spaces import SpaceError, grid_points, load_space, parse_space, resolve, trial_values, validate
+from orchestrator.search import grid_points, resolve, trial_values, validate
+from orchestrator.spaces import SpaceError, load_space, parse_space
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -165,4 +166,4 @@ def test_dry_run_lists_the_trials_and_their_resources():
     done, _ = cli("--dry-run")
     assert done.returncode == 0, done.stderr
     assert "10 trials, each 1 worker(s) x {'CPU': 1.0}" in done.stdout
-    assert "mixed:0,3,7,9,12  shuffle  1" in done.stdout
+    assert "mixed:8,16,24  zero  1" in done.stdout

@@ -192,7 +192,23 @@ def pxap(cams, masks, *, interval: float = 0.01) -> float:
     return histogram.average_precision()
 
 
+
+
+def center_gaussian_cams(count: int, size: int) -> torch.Tensor:
+    """(count, size, size) isotropic Gaussian maps centred in the image: Choe et al.'s center baseline.
+
+    Every threshold gives one centred box; MaxBoxAcc of these maps is what knowing nothing but
+    "objects tend to be in the middle" achieves.
+    """
+    axis = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    squared = axis[None, :] ** 2 + axis[:, None] ** 2
+    cam = torch.exp(-squared / (2 * (size / 4) ** 2))
+    cam = (cam - cam.min()) / (cam.max() - cam.min())
+    return cam.expand(count, size, size).contiguous()
+
+
 __all__ = [
     "IOU_THRESHOLDS", "PAPER_IOU", "PAPER_LOC_FRACTION", "BoxCurves", "PixelHistogram", "box_iou",
-    "check_gt_boxes", "fixed_threshold_boxes", "max_box_acc", "pxap", "quantize_cams", "summarize_curves",
+    "center_gaussian_cams", "check_gt_boxes", "fixed_threshold_boxes", "max_box_acc", "pxap", "quantize_cams",
+    "summarize_curves",
 ]
