@@ -22,7 +22,7 @@ ASHA_SPACE = """
 name: {name}
 base:
   data: {{synthetic: {{train_size: 3000, val_size: 300, test_size: 500}}, batch_size: 128}}
-  optim: {{epochs: 8, warmup_epochs: 1.2}}
+  optim: {{epochs: 8}}
   eval: {{test_interval: 0.01}}
   threads: 1
 space:

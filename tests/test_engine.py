@@ -21,7 +21,7 @@ def tiny(output_dir, *overrides) -> RunConfig:
     """A run of a few seconds: a small synthetic set, 3 epochs."""
     return RunConfig.from_dict({}, [
         f"output_dir={output_dir}", "data.synthetic.train_size=192", "data.synthetic.val_size=48",
-        "data.synthetic.test_size=40", "data.batch_size=64", "optim.epochs=3", "optim.warmup_epochs=0",
+        "data.synthetic.test_size=40", "data.batch_size=64", "optim.epochs=3",
         "eval.test_interval=0.01", "progress=false", *overrides])
 
 
@@ -152,10 +152,10 @@ def test_cli_runs_one_experiment_and_refuses_bad_keys(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "trainers", "optim.lrr=0.1"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2
     assert bad.stderr.strip() == ("error: optim.lrr: unknown key; did you mean optim.lr? allowed keys here: name, lr, "
-                                  "momentum, weight_decay, nesterov, epochs, schedule, warmup_epochs, step_epochs, "
+                                  "momentum, weight_decay, nesterov, epochs, schedule, warmup_fraction, step_epochs, "
                                   "gamma, label_smoothing")
     args = [f"output_dir={tmp_path}", "data.synthetic.train_size=128", "data.synthetic.val_size=32",
-            "data.synthetic.test_size=32", "optim.epochs=1", "optim.warmup_epochs=0", "eval.test_interval=0.01"]
+            "data.synthetic.test_size=32", "optim.epochs=1", "eval.test_interval=0.01"]
     run = subprocess.run([sys.executable, "-m", "trainers", *args], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     assert "test/maxboxacc_v2" in run.stdout and "epoch 1/1" in run.stderr

@@ -16,7 +16,7 @@ from orchestrator.spaces import load_space
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
 TINY = {"data": {"synthetic": {"train_size": 192, "val_size": 48, "test_size": 40}, "batch_size": 64},
-        "optim": {"epochs": 2, "warmup_epochs": 0}, "eval": {"test_interval": 0.01}, "threads": 1}
+        "optim": {"epochs": 2}, "eval": {"test_interval": 0.01}, "threads": 1}
 
 pytestmark = pytest.mark.slow
 
@@ -123,7 +123,7 @@ def test_impossible_resources_are_refused_before_anything_runs(tmp_path):
 
 
 def test_a_failing_trial_resumes_from_its_checkpoint_and_finishes(tmp_path):
-    base = {**TINY, "optim": {"epochs": 4, "warmup_epochs": 0}, "fault_drill_epoch": 2}
+    base = {**TINY, "optim": {"epochs": 4}, "fault_drill_epoch": 2}
     path = sweep_file(tmp_path, "drill", base=base, max_failures=1)
     done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -136,7 +136,7 @@ def test_a_failing_trial_resumes_from_its_checkpoint_and_finishes(tmp_path):
 
 
 def test_asha_stops_the_bad_trials_early(tmp_path):
-    base = {**TINY, "optim": {"epochs": 4, "warmup_epochs": 0}}
+    base = {**TINY, "optim": {"epochs": 4}}
     path = sweep_file(tmp_path, "asha", base=base, space={"optim.lr": {"grid": [0.3, 0.1, 1e-5, 1e-6]}},
                       scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
                       max_concurrent_trials=1)
@@ -177,7 +177,7 @@ def test_trials_land_on_workers_and_survive_losing_their_node(tmp_path, cluster)
     workers = [cluster.add_node(num_cpus=2, resources={"gpu_slot": 1}) for _ in range(2)]
     cluster.wait_for_nodes()
     base = {**TINY, "data": {**TINY["data"], "synthetic": {"train_size": 1536, "val_size": 48, "test_size": 40}},
-            "optim": {"epochs": 6, "warmup_epochs": 0}}
+            "optim": {"epochs": 6}}
     path = sweep_file(tmp_path, "nodes", base=base, resources={"cpus": 1, "extra": {"gpu_slot": 1}},
                       storage={"path": str(tmp_path / "rr"), "shared": True}, max_failures=2)
     refused = run_sweep("--space", str(path), "--address", cluster.address)
@@ -206,7 +206,7 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, clu
     server = MlflowServer(tmp_path / "mlflow").start()
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
-    base = {**TINY, "optim": {"epochs": 3, "warmup_epochs": 0}}
+    base = {**TINY, "optim": {"epochs": 3}}
     path = sweep_file(tmp_path, "restart", base=base, space={"optim.lr": {"grid": [0.1, 0.05, 0.02, 0.01]}},
                       max_concurrent_trials=1, storage={"path": str(tmp_path / "rr"), "shared": True, "sync_seconds": 1})
     driver = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", "--space", str(path), "--address",

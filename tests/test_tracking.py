@@ -25,7 +25,7 @@ def checkpoints(tmp_path_factory):
     """Real epoch checkpoint folders of a 2-epoch engine run."""
     folder = tmp_path_factory.mktemp("run")
     config = RunConfig.from_dict({}, [f"output_dir={folder}", "data.synthetic.train_size=128", "data.synthetic.val_size=32",
-                                      "data.synthetic.test_size=32", "optim.epochs=2", "optim.warmup_epochs=0",
+                                      "data.synthetic.test_size=32", "optim.epochs=2",
                                       "eval.test_interval=0.01", "progress=false"])
     Trainer(config).fit()
     return config, list_checkpoints(folder / "checkpoints")

@@ -95,7 +95,7 @@ class OptimConfig:
     nesterov: bool = True
     epochs: int = 12
     schedule: Literal["cosine", "step", "constant"] = "cosine"
-    warmup_epochs: float = 1.8  # linear warm-up from lr/10, in (fractional) epochs: 15% of 12
+    warmup_fraction: float = 0.15  # linear warm-up from lr/10 over this share of the steps
     step_epochs: int = 0  # schedule 'step': multiply by gamma every this many epochs (0: epochs // 3)
     gamma: float = 0.1
     label_smoothing: float = 0.0
@@ -103,8 +103,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _require(self.lr > 0, f"lr: {self.lr} is not allowed; a number > 0")
         _require(self.epochs >= 1, f"epochs: {self.epochs} is not allowed; an int >= 1")
-        _require(0 <= self.warmup_epochs < self.epochs,
-                 f"warmup_epochs: {self.warmup_epochs} is not allowed; 0 <= warmup_epochs < epochs ({self.epochs})")
+        _require(0 <= self.warmup_fraction < 1,
+                 f"warmup_fraction: {self.warmup_fraction} is not allowed; a share of the steps in [0, 1)")
         _require(self.weight_decay >= 0, f"weight_decay: {self.weight_decay} must be >= 0")
         _require(0 <= self.momentum < 1, f"momentum: {self.momentum} must be in [0, 1)")
         _require(0 <= self.label_smoothing < 1, f"label_smoothing: {self.label_smoothing} must be in [0, 1)")

@@ -24,14 +24,15 @@ def build_optimizer(model: nn.Module, config: OptimConfig, new_layer_lr_mult: fl
 
 def lr_factor(config: OptimConfig, epoch: float) -> float:
     """The learning rate's multiplier at a fractional epoch: warm-up, then the schedule."""
-    if epoch < config.warmup_epochs:  # linear from a tenth of the rate
-        return 0.1 + 0.9 * epoch / config.warmup_epochs
+    warmup = config.warmup_fraction * config.epochs
+    if epoch < warmup:  # linear from a tenth of the rate
+        return 0.1 + 0.9 * epoch / warmup
     if config.schedule == "constant":
         return 1.0
     if config.schedule == "step":
         step = config.step_epochs or max(1, config.epochs // 3)
         return config.gamma ** int(epoch // step)
-    progress = (epoch - config.warmup_epochs) / (config.epochs - config.warmup_epochs)
+    progress = (epoch - warmup) / (config.epochs - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 

@@ -43,7 +43,7 @@ class SyntheticSpec:
     num_classes: int = 6
     image_size: int = 48
     train_size: int = 4000
-    val_size: int = 500  # small and fully annotated, like wsolevaluation's train-fullsup
+    val_size: int = 250  # small and fully annotated, like wsolevaluation's train-fullsup (~40 per class)
     test_size: int = 1000
     seed: int = 0
     # Body half-length range (reference px): large objects, so a part-sized CAM blob has IoU < 0.3.
