@@ -138,7 +138,7 @@ def main() -> None:
         out.append(f"\nCenter-gaussian baseline (a centred Gaussian as every image's CAM, Choe et al.): MaxBoxAccV2 "
                    f"{center_v2:.2f} (IoU 0.3 / 0.5 / 0.7: {center[0.3]:.1f} / {center[0.5]:.1f} / {center[0.7]:.1f}). "
                    "A CAM method is only informative above this line.\n")
-        out.append("![voc-animals CAM overlays: HaS (left) vs plain CAM (right)](img/results_voc_cams.png)\n")
+        out.append("![voc-animals CAM overlays: plain CAM (left) vs HaS 24 px (right)](img/results_voc_cams.png)\n")
 
     # 3. Speed --------------------------------------------------------------------------------------
     seconds = [s for s, _ in times]
