@@ -60,7 +60,7 @@ def test_resuming_another_config_is_refused_and_changes_nothing(tmp_path):
         Trainer(tiny(tmp_path, "optim.epochs=1", "optim.lr=0.3", "has.mixture=8")).fit(resume_from=folder)
     assert "this checkpoint is of a different config" in str(error.value)
     assert "has.mixture: checkpoint 'none', now '8'" in str(error.value)
-    assert "optim.lr: checkpoint 0.1, now 0.3" in str(error.value)
+    assert "optim.lr: checkpoint 0.2, now 0.3" in str(error.value)
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
 
 
