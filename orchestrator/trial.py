@@ -22,9 +22,6 @@ from orchestrator.spaces import SweepSpec
 from trainers.config import RunConfig
 from trainers.engine import EpochReport, Hook, Trainer
 
-CONFIG_TAG = "trial_config"  # the resolved config travels in the first report of every trial
-
-
 def reportable(metrics: dict[str, float]) -> dict[str, float]:
     """Metrics Tune can store and compare (finite floats)."""
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}

@@ -12,10 +12,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from trainers.datasets.metadata import (
-    IMAGE_IDS, IMAGE_SIZES, ImageRecord, Problem, SplitMetadata, first_lines, read_split,
+    IMAGE_IDS, IMAGE_SIZES, SPLITS, ImageRecord, Problem, SplitMetadata, first_lines, read_split,
 )
 
-SPLITS = ("train", "val", "test")
 
 Progress = Callable[[int, int], None]  # (images decoded so far, images to decode)
 

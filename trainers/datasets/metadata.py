@@ -16,6 +16,7 @@ IMAGE_IDS = "image_ids.txt"
 CLASS_LABELS = "class_labels.txt"
 IMAGE_SIZES = "image_sizes.txt"
 LOCALIZATION = "localization.txt"
+SPLITS = ("train", "val", "test")
 EVALUATED_SPLITS = ("val", "test")  # need boxes or masks; train is weakly supervised
 
 Box = tuple[int, int, int, int]

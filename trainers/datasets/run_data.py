@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
+from trainers.datasets.metadata import SPLITS
 from trainers.datasets.sources import FolderDataset, FolderSource, MemorySource, SplitSource
 from trainers.fills import IMAGENET_MEAN, IMAGENET_STD, FillStats
 
-SPLITS = ("train", "val", "test")
 
 
 @dataclass

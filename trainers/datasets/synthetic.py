@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-SPLITS = ("train", "val", "test")
+from trainers.datasets.metadata import SPLITS
+
 # Geometry below is in pixels of this reference side and scales with `image_size`.
 REFERENCE_SIZE = 48
 # Grating tilts of the classes (degrees from the x axis, sign random per image): the texture cue
