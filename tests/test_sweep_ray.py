@@ -93,7 +93,7 @@ def _engine_ddp(rank, world, init_file, config_dict, output):
 
 def test_a_two_worker_torchtrainer_trial_computes_what_the_engine_computes(tmp_path):
     path = sweep_file(tmp_path, "ddp", resources={"cpus": 0.5, "workers": 2})
-    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"))
+    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"), "--no-tracking")
     assert done.returncode == 0, done.stderr[-3000:]
     (trial,) = trial_dirs(tmp_path / "rr" / "ddp")
     ray_metrics = results(trial)[-1]
@@ -115,7 +115,7 @@ def test_a_two_worker_torchtrainer_trial_computes_what_the_engine_computes(tmp_p
 def test_impossible_resources_are_refused_before_anything_runs(tmp_path):
     path = sweep_file(tmp_path, "greedy", resources={"cpus": 1, "gpus": 1})
     start = time.monotonic()
-    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"))
+    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"), cwd=tmp_path)
     assert done.returncode == 2
     assert f"error: {path}: resources.gpus: each trial worker needs GPU 1, but no node has that much (largest: 0;" \
         in done.stderr
@@ -140,7 +140,7 @@ def test_asha_stops_the_bad_trials_early(tmp_path):
     path = sweep_file(tmp_path, "asha", base=base, space={"optim.lr": {"grid": [0.3, 0.1, 1e-5, 1e-6]}},
                       scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
                       max_concurrent_trials=1)
-    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"))
+    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     epochs = {results(t)[-1]["config"]["grid"]["optim.lr"]: results(t)[-1]["training_iteration"]
               for t in trial_dirs(tmp_path / "rr" / "asha")}
