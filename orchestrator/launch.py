@@ -16,6 +16,16 @@ BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml").expanduser()  # what `ray
 STATE_FILE = "has_sweep.json"  # in the experiment folder: what --resume needs to rebuild the sweep
 
 
+def experiment_exists(root: str, name: str) -> bool:
+    """Whether storage already holds a folder of this name (local path or any pyarrow filesystem URI)."""
+    if "://" not in root:
+        return Path(root, name).exists()
+    import pyarrow.fs as pafs
+
+    filesystem, base = pafs.FileSystem.from_uri(root)
+    return filesystem.get_file_info(f"{base}/{name}").type != pafs.FileType.NotFound
+
+
 def storage_root(spec: SweepSpec) -> str:
     """The storage path as Tune needs it: a URI as given, a local path made absolute."""
     path = spec.fields.storage.path
@@ -211,7 +221,7 @@ def launch(spec: SweepSpec, overrides: list[str], data: str | None, *, resume: b
                 raise SweepInputError(f"--resume {spec.name}: {experiment} holds no Tune experiment to restore")
             tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
         else:
-            if Path(experiment, STATE_FILE).exists() or ("://" not in root and Path(experiment).exists()):
+            if experiment_exists(root, spec.name):
                 raise SweepInputError(f"sweep {spec.name!r} already exists in {root}: resume it with --resume "
                                       f"{spec.name}, or start another with --name; nothing was overwritten")
             write_state(spec, _space_text(spec), overrides, data, root)

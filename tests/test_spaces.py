@@ -167,3 +167,11 @@ def test_dry_run_lists_the_trials_and_their_resources():
     assert done.returncode == 0, done.stderr
     assert "10 trials, each 1 worker(s) x {'CPU': 1.0}" in done.stdout
     assert "mixed:8,16,24  zero  1" in done.stdout
+
+
+def test_an_existing_experiment_is_seen_in_local_and_uri_storage(tmp_path):
+    from orchestrator.launch import experiment_exists
+
+    (tmp_path / "taken").mkdir()
+    assert experiment_exists(str(tmp_path), "taken") and not experiment_exists(str(tmp_path), "free")
+    assert experiment_exists(f"file://{tmp_path}", "taken") and not experiment_exists(f"file://{tmp_path}", "free")
