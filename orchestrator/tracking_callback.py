@@ -118,7 +118,7 @@ class MlflowCallback(Callback):
         self._start(trial)
         epochs = resolve(self.spec, trial_values(self.spec, trial.config)).optim.epochs
         done = int((trial.last_result or {}).get("training_iteration", 0))
-        checkpoint = trial.checkpoint
+        checkpoint = _final_checkpoint(trial)
         if checkpoint is not None and done >= epochs:
             with checkpoint.as_directory() as folder:
                 self.tracker.log_model(trial.trial_id, Path(folder))
@@ -170,9 +170,19 @@ class MlflowCallback(Callback):
             print(f"\ntracking: {self.summary}")
 
 
+def _final_checkpoint(trial):
+    """The trial's last checkpoint: Tune's (in-process trials) or Ray Train's (multi-worker trials)."""
+    from ray.tune import Checkpoint
+
+    if getattr(trial, "checkpoint", None) is not None:
+        return trial.checkpoint
+    path = (trial.last_result or {}).get("checkpoint_path")
+    return Checkpoint(path) if isinstance(path, str) else None
+
+
 def _last_overlay(trial) -> Path | None:
     """A copy of the test CAM overlay in the trial's last checkpoint."""
-    checkpoint = getattr(trial, "checkpoint", None)
+    checkpoint = _final_checkpoint(trial)
     if checkpoint is None:
         return None
     target = Path(tempfile.mkdtemp(prefix="overlay-"))
