@@ -93,10 +93,14 @@ def _engine_ddp(rank, world, init_file, config_dict, output):
 
 def test_a_two_worker_torchtrainer_trial_computes_what_the_engine_computes(tmp_path):
     path = sweep_file(tmp_path, "ddp", resources={"cpus": 0.5, "workers": 2})
-    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"), "--no-tracking")
+    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     (trial,) = trial_dirs(tmp_path / "rr" / "ddp")
     ray_metrics = results(trial)[-1]
+    # Tracked like an in-process trial, from Ray Train's checkpoints.
+    client, _, (child,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "ddp")
+    assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"evaluations", "model", "predictions"}
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "val/maxboxacc_v2")] == [1, 2]
     # The same config, 2 gloo ranks of the engine without Ray: the very same numbers.
     config = resolve(load_space(path), {"seed": 0}).replace(output_dir=str(tmp_path / "engine"), progress=False)
     mp.spawn(_engine_ddp, args=(2, tmp_path / "init", config.to_dict(), tmp_path / "engine.json"), nprocs=2)
