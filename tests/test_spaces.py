@@ -175,3 +175,33 @@ def test_an_existing_experiment_is_seen_in_local_and_uri_storage(tmp_path):
     (tmp_path / "taken").mkdir()
     assert experiment_exists(str(tmp_path), "taken") and not experiment_exists(str(tmp_path), "free")
     assert experiment_exists(f"file://{tmp_path}", "taken") and not experiment_exists(f"file://{tmp_path}", "free")
+
+
+def test_optuna_asha_and_pbt_sweeps_build_their_tune_objects():
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+    from ray.tune.search import Repeater
+
+    from orchestrator.launch import make_scheduler
+    from orchestrator.search import tune_search
+
+    optuna = space("""
+space:
+  has.mixture: {sampled_weights: [0, 8, 16]}
+  has.fill: {choice: [zero, blur]}
+seeds: [0, 1]
+search: {algorithm: optuna, num_samples: 5}
+scheduler: {name: asha, grace_period: 2}
+""")
+    param_space, searcher, samples = tune_search(optuna)
+    assert isinstance(searcher, Repeater) and samples == 10  # 5 proposals x 2 seeds
+    assert set(param_space["trial"]) == {"has.mixture.w0", "has.mixture.w8", "has.mixture.w16", "has.fill"}
+    assert isinstance(make_scheduler(optuna), ASHAScheduler)
+    pbt = space("""
+space:
+  optim.lr: {loguniform: [0.01, 0.5]}
+search: {algorithm: random, num_samples: 4}
+scheduler: {name: pbt, perturbation_interval: 2}
+""")
+    param_space, searcher, samples = tune_search(pbt)
+    assert searcher is None and samples == 1 and len(param_space["grid"]["grid_search"]) == 4
+    assert isinstance(make_scheduler(pbt), PopulationBasedTraining)
