@@ -234,7 +234,9 @@ def launch(spec: SweepSpec, overrides: list[str], data: str | None, *, resume: b
                                             max_concurrent_trials=concurrent, reuse_actors=True),
                 run_config=tune.RunConfig(name=spec.name, storage_path=root,
                                           failure_config=tune.FailureConfig(max_failures=spec.fields.max_failures),
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                          # PBT restores other trials from their older checkpoints: keep them all.
+                                          checkpoint_config=tune.CheckpointConfig(
+                                              num_to_keep=None if spec.fields.scheduler.name == "pbt" else 2),
                                           sync_config=tune.SyncConfig(sync_period=spec.fields.storage.sync_seconds),
                                           callbacks=list(callbacks), progress_reporter=progress_reporter(spec),
                                           verbose=1),

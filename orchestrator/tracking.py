@@ -178,10 +178,10 @@ class SweepTracker:
         """The artifacts of one epoch's checkpoint folder: pictures of every evaluation, the last and
         best predictions, the config; copied aside first (Tune may delete old checkpoints)."""
         handle = self.trials[trial_id]
-        copy = self.staging / trial_id / f"epoch_{epoch:04d}"
-        if copy.exists():
-            shutil.rmtree(copy)
-        shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("state.pt"))
+        (self.staging / trial_id).mkdir(parents=True, exist_ok=True)
+        # A fresh folder per call: the same epoch can come twice (a PBT restart) while the first waits.
+        copy = Path(tempfile.mkdtemp(prefix=f"epoch_{epoch:04d}-", dir=self.staging / trial_id))
+        shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("state.pt"), dirs_exist_ok=True)
         artifacts = copy / "artifacts"
 
         def perform() -> None:
@@ -203,8 +203,8 @@ class SweepTracker:
         import torch
 
         handle = self.trials[trial_id]
-        target = self.staging / trial_id / "model"
-        target.mkdir(parents=True, exist_ok=True)
+        (self.staging / trial_id).mkdir(parents=True, exist_ok=True)
+        target = Path(tempfile.mkdtemp(prefix="model-", dir=self.staging / trial_id))
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
         torch.save(state["model"], target / "state_dict.pt")
         config = state["config"]

@@ -62,8 +62,15 @@ def _quiet_ray_logs() -> None:
 
 
 def _local_run_dir(name: str) -> Path:
-    """Scratch space of the engine on this node; Tune / Train keep the checkpoints that matter."""
-    return Path(tempfile.gettempdir()) / "has-sweep" / name
+    """Scratch space of the engine for this call on this node (Tune / Train keep the checkpoints that
+    matter). Unique per call: a paused trial's old process may still be writing into its own."""
+    return Path(tempfile.mkdtemp(prefix=f"{name.replace('/', '-')}-", dir=_scratch_root()))
+
+
+def _scratch_root() -> Path:
+    root = Path(tempfile.gettempdir()) / "has-sweep"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 def run_trial(params: dict[str, Any], spec: SweepSpec) -> None:
@@ -75,17 +82,18 @@ def run_trial(params: dict[str, Any], spec: SweepSpec) -> None:
     context = tune.get_context()
     run_dir = _local_run_dir(f"{spec.name}/{context.get_trial_id()}")
     checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        shutil.rmtree(run_dir, ignore_errors=True)  # a retry before the first checkpoint starts clean
     config = config.replace(output_dir=str(run_dir), progress=False, keep_checkpoints=1)
     trainer = Trainer(config, hooks=[TuneReportHook()])
-    if checkpoint is None:
-        trainer.fit()
-        return
-    # PBT hands over another trial's weights with mutated values: those keys may differ.
-    allow = frozenset(spec.random_keys) if spec.fields.scheduler.name == "pbt" else frozenset()
-    with checkpoint.as_directory() as folder:
-        trainer.fit(resume_from=folder, allow_changes=allow)
+    try:
+        if checkpoint is None:
+            trainer.fit()
+            return
+        # PBT hands over another trial's weights with mutated values: those keys may differ.
+        allow = frozenset(spec.random_keys) if spec.fields.scheduler.name == "pbt" else frozenset()
+        with checkpoint.as_directory() as folder:
+            trainer.fit(resume_from=folder, allow_changes=allow)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)  # every reported checkpoint is in Tune's storage now
 
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
@@ -99,15 +107,16 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     run_dir = _local_run_dir(f"{loop_config['name']}/rank{context.get_world_rank()}")
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        shutil.rmtree(run_dir, ignore_errors=True)
     config = config.replace(output_dir=str(run_dir), progress=False, keep_checkpoints=1, device=str(device))
     trainer = Trainer(config, hooks=[TrainReportHook()])
-    if checkpoint is None:
-        trainer.fit()
-    else:
-        with checkpoint.as_directory() as folder:
-            trainer.fit(resume_from=folder)
+    try:
+        if checkpoint is None:
+            trainer.fit()
+        else:
+            with checkpoint.as_directory() as folder:
+                trainer.fit(resume_from=folder)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def run_multiworker_trial(params: dict[str, Any], spec: SweepSpec, storage_path: str) -> None:

@@ -240,3 +240,18 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, clu
     server.stop()
     assert len(parents) == 1 and len(children) == 4  # the same runs continued: no duplicates
     assert parents[0].info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
+
+
+def test_population_based_training_exploits_and_mutates_in_process_trials(tmp_path):
+    base = {**TINY, "optim": {"epochs": 4}, "has": {"mixture": "24"}}
+    path = sweep_file(tmp_path, "pbt", base=base, space={"optim.lr": {"loguniform": [0.01, 0.5]}},
+                      search={"algorithm": "random", "num_samples": 4, "seed": 1},
+                      scheduler={"name": "pbt", "perturbation_interval": 1}, max_concurrent_trials=2)
+    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    experiment = tmp_path / "rr" / "pbt"
+    assert (experiment / "pbt_global.txt").read_text().strip()  # at least one exploit happened
+    trials = trial_dirs(experiment)
+    assert len(trials) == 4 and all(results(t)[-1]["training_iteration"] == 4 for t in trials)
+    client, _, children = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "pbt")
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
