@@ -15,10 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
-from torchvision.models.inception import InceptionB
 
 from trainers.registry import Registry
 
@@ -110,15 +107,28 @@ def _conv_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
 
 BACKBONES: Registry[Callable[[int], CamBackbone]] = Registry("backbone")
 
-# torchvision's ImageNet weights of each trunk; the file is looked up in the hub cache, never fetched.
-# V1 for ResNet50: the original weights that wsolevaluation fine-tunes from (V2 is a different recipe).
+# torchvision's ImageNet weights of each trunk (enum, member); the file is looked up in the hub cache,
+# never fetched. V1 for ResNet50: the original weights wsolevaluation fine-tunes from (V2 is another recipe).
 _IMAGENET_WEIGHTS = {
-    "alexnet_gap": torchvision.models.AlexNet_Weights.IMAGENET1K_V1,
-    "googlenet_gap": torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1,
-    "vgg16_gap": torchvision.models.VGG16_Weights.IMAGENET1K_V1,
-    "resnet50_cam": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
-    "inception_v3_cam": torchvision.models.Inception_V3_Weights.IMAGENET1K_V1,
+    "alexnet_gap": ("AlexNet_Weights", "IMAGENET1K_V1"),
+    "googlenet_gap": ("GoogLeNet_Weights", "IMAGENET1K_V1"),
+    "vgg16_gap": ("VGG16_Weights", "IMAGENET1K_V1"),
+    "resnet50_cam": ("ResNet50_Weights", "IMAGENET1K_V1"),
+    "inception_v3_cam": ("Inception_V3_Weights", "IMAGENET1K_V1"),
 }
+
+
+def _torchvision_builder(name: str) -> Callable[[int], CamBackbone]:
+    """The builder of a torchvision-based backbone, importing torchvision (~2 s) only when called."""
+
+    def build(num_classes: int) -> CamBackbone:
+        from trainers import backbones_torchvision
+
+        return getattr(backbones_torchvision, name)(num_classes)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f"{name}: built by trainers.backbones_torchvision.{name}"
+    return build
 
 
 @BACKBONES.register("tiny_cnn")
@@ -137,85 +147,8 @@ def tiny_cnn(num_classes: int) -> CamBackbone:
                        feature_channels=in_channels, num_classes=num_classes)
 
 
-@BACKBONES.register("alexnet_gap")
-def alexnet_gap(num_classes: int) -> CamBackbone:
-    """HaS AlexNet-GAP: conv1-conv5 without the last pool, two new convs; 1024 x 13 x 13 at 224."""
-    features = torchvision.models.alexnet(weights=None).features[:-1]  # slicing keeps keys features.0..11
-    extra = nn.Sequential(*_conv_relu(256, 512), *_conv_relu(512, 1024))
-    return CamBackbone("alexnet_gap", 224, trunk={"features": features}, new={"extra": extra},
-                       feature_channels=1024, num_classes=num_classes)
-
-
-@BACKBONES.register("googlenet_gap")
-def googlenet_gap(num_classes: int) -> CamBackbone:
-    """HaS GoogLeNet-GAP: up to inception4e, one new conv; 1024 x 14 x 14 at 224."""
-    net = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True,
-                                       transform_input=False)
-    names = ["conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b",
-             "maxpool3", "inception4a", "inception4b", "inception4c", "inception4d", "inception4e"]
-    trunk = {n: getattr(net, n) for n in names}  # (B, 832, 14, 14) at 224
-    extra = nn.Sequential(*_conv_relu(832, 1024))
-    return CamBackbone("googlenet_gap", 224, trunk=trunk, new={"extra": extra},
-                       feature_channels=1024, num_classes=num_classes)
-
-
-@BACKBONES.register("vgg16_gap")
-def vgg16_gap(num_classes: int) -> CamBackbone:
-    """wsolevaluation VGG16-CAM: conv1-conv5 without the last pool, one new conv; 1024 x 14 x 14 at 224."""
-    features = torchvision.models.vgg16(weights=None).features[:-1]  # keys features.0..29
-    extra = nn.Sequential(*_conv_relu(512, 1024))
-    return CamBackbone("vgg16_gap", 224, trunk={"features": features}, new={"extra": extra},
-                       feature_channels=1024, num_classes=num_classes)
-
-
-@BACKBONES.register("resnet50_cam")
-def resnet50_cam(num_classes: int) -> CamBackbone:
-    """wsolevaluation ResNet50-CAM: layer4 at stride 1; 2048 x 14 x 14 at 224."""
-    net = torchvision.models.resnet50(weights=None)
-    # Stride 1 keeps layer4 at layer3's resolution: a 14x14 CAM instead of 7x7.
-    net.layer4[0].conv2.stride = (1, 1)
-    net.layer4[0].downsample[0].stride = (1, 1)
-    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-    return CamBackbone("resnet50_cam", 224, trunk={n: getattr(net, n) for n in names}, new={},
-                       feature_channels=2048, num_classes=num_classes)
-
-
-class _StrideOneInceptionB(InceptionB):
-    """torchvision's InceptionB (Mixed_6a) at stride 1, as in wsolevaluation's InceptionV3-CAM."""
-
-    def __init__(self, in_channels: int) -> None:
-        super().__init__(in_channels)
-        for block in (self.branch3x3, self.branch3x3dbl_3):
-            block.conv.stride = (1, 1)
-            block.conv.padding = (1, 1)
-
-    def _forward(self, x: Tensor) -> list[Tensor]:
-        # torchvision hard-codes a stride-2 pool here; stride 1 keeps the three branches aligned.
-        branch3x3 = self.branch3x3(x)
-        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        branch_pool = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        return [branch3x3, branch3x3dbl, branch_pool]
-
-
-@BACKBONES.register("inception_v3_cam")
-def inception_v3_cam(num_classes: int) -> CamBackbone:
-    """wsolevaluation InceptionV3-CAM: to Mixed_6e at stride 8, two new convs; 1024 x 28 x 28 at 224."""
-    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True,
-                                          transform_input=False)
-    net.Conv2d_1a_3x3.conv.padding = (1, 1)
-    # Padded, ceil-mode pools (wsolevaluation's) so 224 input gives 28x28 after the stem.
-    net.maxpool1 = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
-    net.maxpool2 = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
-    mixed_6a = _StrideOneInceptionB(288)
-    mixed_6a.load_state_dict(net.Mixed_6a.state_dict())  # keep torchvision's init of this block
-    net.Mixed_6a = mixed_6a
-    names = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
-             "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",
-             "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"]
-    trunk = {n: getattr(net, n) for n in names}  # (B, 768, 28, 28) at 224
-    extra = nn.Sequential(nn.Dropout(0.5), *_conv_relu(768, 1024), nn.Dropout(0.5), *_conv_relu(1024, 1024))
-    return CamBackbone("inception_v3_cam", 224, trunk=trunk, new={"extra": extra},
-                       feature_channels=1024, num_classes=num_classes)
+for _name in _IMAGENET_WEIGHTS:  # the backbones of the papers, all built on torchvision's models
+    BACKBONES.register(_name)(_torchvision_builder(_name))
 
 
 def imagenet_weights_path(name: str) -> Path:
@@ -224,8 +157,15 @@ def imagenet_weights_path(name: str) -> Path:
     if name not in _IMAGENET_WEIGHTS:
         raise ValueError(f"backbone {name!r} has no ImageNet weights; "
                          f"backbones with them: {', '.join(_IMAGENET_WEIGHTS)}")
-    filename = os.path.basename(_IMAGENET_WEIGHTS[name].url)
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(imagenet_weights_url(name))
+
+
+def imagenet_weights_url(name: str) -> str:
+    """Where torchvision publishes the ImageNet file of a backbone's trunk (never fetched here)."""
+    import torchvision
+
+    enum, member = _IMAGENET_WEIGHTS[name]
+    return getattr(torchvision.models, enum)[member].url
 
 
 def build_backbone(
@@ -240,7 +180,7 @@ def build_backbone(
     if isinstance(weights, str) and weights == "imagenet":
         path = imagenet_weights_path(name)
         if not path.is_file():
-            url = _IMAGENET_WEIGHTS[name].url
+            url = imagenet_weights_url(name)
             raise FileNotFoundError(
                 f"ImageNet weights of backbone {name!r} not found at {path}; nothing is downloaded: "
                 f"put {url} there (the directory follows $TORCH_HOME, see torch.hub.get_dir())")

@@ -145,7 +145,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     device: str = "auto"  # auto: the GPU when there is one
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 autocast on GPU, off on CPU
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 autocast on GPUs and on CPUs with bf16 instructions, else off
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
     sync_batchnorm: bool = True  # DDP on GPUs: BatchNorm statistics over the global batch (CPU: per rank)

@@ -68,6 +68,15 @@ class OutputDirInUse(FileExistsError):
     """The output folder already holds a run: resume it or pick another folder."""
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 instructions (AVX512-BF16, AMX), where bf16 autocast trains ~1.5x faster.
+
+    Elsewhere bf16 is emulated and slower than float32, so `amp: auto` stays off there.
+    """
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)
+
+
 def resolve_device(name: str, place: Place) -> torch.device:
     if name == "auto":
         return torch.device("cuda", place.local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -122,7 +131,8 @@ class Trainer:
     def _amp_dtype(self) -> torch.dtype | None:
         amp = self.config.amp
         if amp == "auto":
-            return torch.bfloat16 if self.device.type == "cuda" else None
+            native = self.device.type == "cuda" or (self.device.type == "cpu" and cpu_has_native_bf16())
+            return torch.bfloat16 if native else None
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
     def _autocast(self):

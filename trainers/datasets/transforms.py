@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 
@@ -51,7 +50,9 @@ def train_geometry(width: int, height: int, resize: int, crop: int, generator: t
 
 def apply_geometry(image: Tensor, geometry: Geometry) -> Tensor:
     """A (3, H, W) uint8 image resized, cropped and flipped as `geometry` says."""
-    out = TF.resize(image, [geometry.resize, geometry.resize], antialias=True)
+    from torchvision.transforms.v2.functional import resize  # torchvision takes ~2 s to import: only here
+
+    out = resize(image, [geometry.resize, geometry.resize], antialias=True)
     if geometry.resize != geometry.size:
         top, left, size = geometry.offset_y, geometry.offset_x, geometry.size
         out = out[:, top:top + size, left:left + size]
