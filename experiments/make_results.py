@@ -98,7 +98,7 @@ def main() -> None:
     out.append(table(rows))
     out.append(f"\nHaS 24 px vs plain CAM, same seed: MaxBoxAccV2 {cell(gain)} points, top-1 cls {cell(drop)} points "
                f"lower (targets: >= +5 and <= 2).\n")
-    out.append("![CAM overlays: HaS (left) vs plain CAM (right), same test images; ground truth green, the V2 box "
+    out.append("![CAM overlays: plain CAM (left) vs HaS 24 px (right), same test images; ground truth green, the V2 box "
                "at the best threshold red](img/results_synthetic_cams.png)\n")
 
     # 2. Real photographs -------------------------------------------------------------------------
