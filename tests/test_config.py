@@ -79,3 +79,13 @@ def test_exponent_numbers_in_yaml_are_numbers(tmp_path):
     path.write_text("optim:\n  lr: 1e-5\n  weight_decay: 5e-4\n")
     config = load_config(path, ["optim.momentum=9e-1"])
     assert (config.optim.lr, config.optim.weight_decay, config.optim.momentum) == (1e-5, 5e-4, 0.9)
+
+
+def test_off_and_on_are_words_not_booleans(tmp_path):
+    # YAML 1.1 reads off/on/yes/no as booleans: `amp: off` would become False and be refused.
+    path = tmp_path / "run.yaml"
+    path.write_text("amp: off\nchannels_last: false\n")
+    assert load_config(path).amp == "off" and load_config(path).channels_last is False
+    assert RunConfig.from_dict({}, ["amp=off", "compile=true"]).amp == "off"
+    with pytest.raises(ConfigError, match="channels_last: 'yes' is not allowed"):
+        RunConfig.from_dict({}, ["channels_last=yes"])

@@ -13,9 +13,17 @@ import yaml
 
 
 class _Loader(yaml.SafeLoader):
-    """yaml.safe_load, but 1e-5 is a number (YAML 1.2) rather than the string '1e-5' (YAML 1.1)."""
+    """yaml.safe_load with YAML 1.2's scalars: 1e-5 is a number (not the string '1e-5') and only
+    true/false are booleans (`amp: off` is the string 'off', not False as in YAML 1.1)."""
 
 
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -28,7 +36,7 @@ _Loader.add_implicit_resolver(
 
 
 def load_yaml(text: str):
-    """Plain data from YAML text, safely; numbers like 1e-5 are floats."""
+    """Plain data from YAML text, safely, with YAML 1.2 numbers and booleans (see _Loader)."""
     return yaml.load(text, Loader=_Loader)
 
 
