@@ -160,3 +160,13 @@ def test_cli_runs_one_experiment_and_refuses_bad_keys(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "test/maxboxacc_v2" in run.stdout and "epoch 1/1" in run.stderr
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [
+    (True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, None)])
+def test_amp_auto_on_cpu_is_bf16_only_with_bf16_instructions(tmp_path, monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert Trainer(tiny(tmp_path / "auto", "device=cpu")).amp_dtype == expected
+    assert Trainer(tiny(tmp_path / "off", "device=cpu", "amp=off")).amp_dtype is None
+    assert Trainer(tiny(tmp_path / "bf16", "device=cpu", "amp=bf16")).amp_dtype == torch.bfloat16
