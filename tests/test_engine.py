@@ -117,6 +117,7 @@ def _ddp_evaluate(rank, world, init_file, output_dir, results):
         trainer.load(output_dir / "checkpoints" / "epoch_0001")
         metrics = trainer.evaluate("test", 0.01)
         (results / f"rank{rank}.json").write_text(json.dumps(metrics))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (seen once: SIGABRT)
     finally:
         dist.destroy_process_group()
 
@@ -136,6 +137,7 @@ def _ddp_train(rank, world, init_file, output_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         Trainer(tiny(output_dir, "optim.epochs=1")).fit()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
