@@ -243,8 +243,7 @@ def launch(spec: SweepSpec, overrides: list[str], data: str | None, *, resume: b
             )
         grid = tuner.fit()
         results = trial_results(spec, grid)
-        # Hyperparameters searched besides the HaS variant: each variant's best on val is shown.
-        table = build_table(results, choose_by=spec.fields.metric if spec.random_keys else None, mode=spec.fields.mode)
+        table = build_table(results, choose_by=spec.choose_by, mode=spec.fields.mode)
         print(f"\nsweep {spec.name}: {len(results)} trials, results in {experiment}")
         print(format_table(table, "text") + describe(table))
         return 1 if any(r.status == "ERROR" for r in results) else 0

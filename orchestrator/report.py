@@ -18,8 +18,7 @@ import sys
 from pathlib import Path
 
 from orchestrator.table import COLUMNS, Table, TrialResult, build_table, describe, format_table
-
-ROLE_TAG, SWEEP_TAG, TRIAL_TAG = "has_sweep.role", "sweep", "trial_id"
+from orchestrator.tracking import ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 
 
 def results_from_mlflow(client, sweep: str) -> tuple[object, list[TrialResult]]:
@@ -69,15 +68,13 @@ def patch_size(mixture: str) -> float | None:
 
 def plot_metrics_vs_patch_size(table: Table, path: Path) -> Path | None:
     """Each metric against the patch size, a line per backbone and fill; mixtures as labelled points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     if not table.rows:
         return None
     metrics = table.metrics
-    figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), dpi=100, squeeze=False)
+    figure = Figure(figsize=(4.2 * len(metrics), 3.6), dpi=100)
+    axes = figure.subplots(1, len(metrics), squeeze=False)
     mixtures = sorted({row.key[1] for row in table.rows if patch_size(row.key[1]) is None})
     sizes = sorted({patch_size(row.key[1]) for row in table.rows if patch_size(row.key[1]) is not None})
     right = (max(sizes) if sizes else 0) + 8
@@ -107,7 +104,6 @@ def plot_metrics_vs_patch_size(table: Table, path: Path) -> Path | None:
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
-    plt.close(figure)
     return path
 
 

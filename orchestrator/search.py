@@ -6,6 +6,7 @@ Tune the param space and search algorithm (Optuna with a Repeater over the seeds
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from trainers.hide import format_mixture
 
 
 def _apply(data: dict, values: Mapping[str, Any]) -> dict:
-    out = yaml.safe_load(yaml.safe_dump(data))  # a deep copy of plain data
+    out = copy.deepcopy(data)
     for key, value in values.items():
         set_dotted(out, key, value)
     return out

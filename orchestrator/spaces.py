@@ -166,6 +166,11 @@ class SweepSpec:
     def random_keys(self) -> list[str]:
         return [k for k, d in self.domains.items() if d.is_random]
 
+    @property
+    def choose_by(self) -> str | None:
+        """The metric that picks each HaS variant's row when other hyperparameters are searched too."""
+        return self.fields.metric if self.random_keys else None
+
 
 def _error(source: str, message: str) -> SpaceError:
     return SpaceError(f"{source}: {message}")

@@ -148,6 +148,11 @@ class SweepTracker:
 
     # ---- metrics and artifacts -----------------------------------------------------------
 
+    def _staging_dir(self, trial_id: str, prefix: str) -> Path:
+        """A new folder for files that wait to be written (removed once they are)."""
+        (self.staging / trial_id).mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.staging / trial_id))
+
     def log_metrics(self, trial_id: str, metrics: dict[str, float], step: int) -> None:
         """Metrics of one epoch (step = epoch); an epoch already in the run is not logged twice."""
         handle = self.trials[trial_id]
@@ -178,9 +183,8 @@ class SweepTracker:
         """The artifacts of one epoch's checkpoint folder: pictures of every evaluation, the last and
         best predictions, the config; copied aside first (Tune may delete old checkpoints)."""
         handle = self.trials[trial_id]
-        (self.staging / trial_id).mkdir(parents=True, exist_ok=True)
         # A fresh folder per call: the same epoch can come twice (a PBT restart) while the first waits.
-        copy = Path(tempfile.mkdtemp(prefix=f"epoch_{epoch:04d}-", dir=self.staging / trial_id))
+        copy = self._staging_dir(trial_id, f"epoch_{epoch:04d}-")
         shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("state.pt"), dirs_exist_ok=True)
         artifacts = copy / "artifacts"
 
@@ -203,8 +207,7 @@ class SweepTracker:
         import torch
 
         handle = self.trials[trial_id]
-        (self.staging / trial_id).mkdir(parents=True, exist_ok=True)
-        target = Path(tempfile.mkdtemp(prefix="model-", dir=self.staging / trial_id))
+        target = self._staging_dir(trial_id, "model-")
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
         torch.save(state["model"], target / "state_dict.pt")
         config = state["config"]

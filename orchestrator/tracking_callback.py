@@ -76,6 +76,9 @@ class MlflowCallback(Callback):
         return flatten(resolve(self.spec, trial_values(self.spec, trial.config)).to_dict())
 
     def _start(self, trial):
+        known = self.tracker.trials.get(trial.trial_id)
+        if known is not None:  # every result and checkpoint comes here: resolve the config once per trial
+            return known
         config = self._config(trial)
         label = " | ".join(str(config[k]) for k in LABEL_KEYS if k in config) + f" | seed {config.get('seed')}"
         params = {k: v for k, v in config.items() if k not in ("output_dir", "progress")}
@@ -146,12 +149,11 @@ class MlflowCallback(Callback):
             config = self._config(trial)
             last = trial.last_result or {}
             epochs[trial.trial_id] = int(last.get("training_iteration", 0))
-            status = {"TERMINATED": "TERMINATED", "ERROR": "ERROR"}.get(trial.status, trial.status)
+            status = trial.status
             if status == "TERMINATED" and epochs[trial.trial_id] < config.get("optim.epochs", 0):
                 status = "STOPPED"
             results.append(TrialResult(config, logged_metrics(last), status, trial.trial_id))
-        table = build_table(results, choose_by=self.spec.fields.metric if self.spec.random_keys else None,
-                            mode=self.spec.fields.mode)
+        table = build_table(results, choose_by=self.spec.choose_by, mode=self.spec.fields.mode)
         folder = Path(tempfile.mkdtemp(prefix=f"report-{self.spec.name}-"))
         write_report(table, folder)
         (folder / "table.txt").write_text(format_table(table, "text") + describe(table) + "\n")
@@ -185,10 +187,10 @@ def _last_overlay(trial) -> Path | None:
     checkpoint = _final_checkpoint(trial)
     if checkpoint is None:
         return None
-    target = Path(tempfile.mkdtemp(prefix="overlay-"))
     with checkpoint.as_directory() as folder:
         source = Path(folder) / "artifacts" / "test_cam_overlay.png"
         if not source.exists():
             return None
-        (target / source.name).write_bytes(source.read_bytes())
-    return target / source.name
+        target = Path(tempfile.mkdtemp(prefix="overlay-")) / source.name
+        target.write_bytes(source.read_bytes())
+    return target

@@ -192,8 +192,6 @@ def pxap(cams, masks, *, interval: float = 0.01) -> float:
     return histogram.average_precision()
 
 
-
-
 def center_gaussian_cams(count: int, size: int) -> torch.Tensor:
     """(count, size, size) isotropic Gaussian maps centred in the image: Choe et al.'s center baseline.
 
