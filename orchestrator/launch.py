@@ -7,44 +7,72 @@ import math
 import os
 from pathlib import Path
 
+from orchestrator import storage
+from orchestrator.checks import check_data, check_storage
 from orchestrator.search import resolve, trial_values, tune_domains, tune_search
 from orchestrator.spaces import TRIAL_DRIVER_CPU, SweepInputError, SweepSpec
+from orchestrator.storage import child_uri, is_uri
 from orchestrator.table import TrialResult, build_table, describe, format_table
 from trainers.config_parse import flatten
 
-BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml").expanduser()  # what `ray up` leaves on the head node
+# What `ray up` leaves on the head node: the autoscaler's node types (overridable for tests).
+BOOTSTRAP_CONFIG = Path(os.environ.get("HAS_SWEEP_AUTOSCALER_CONFIG", "~/ray_bootstrap_config.yaml")).expanduser()
 STATE_FILE = "has_sweep.json"  # in the experiment folder: what --resume needs to rebuild the sweep
-
-
-def experiment_exists(root: str, name: str) -> bool:
-    """Whether storage already holds a folder of this name (local path or any pyarrow filesystem URI)."""
-    if "://" not in root:
-        return Path(root, name).exists()
-    import pyarrow.fs as pafs
-
-    filesystem, base = pafs.FileSystem.from_uri(root)
-    return filesystem.get_file_info(f"{base}/{name}").type != pafs.FileType.NotFound
+HEAD_RESOURCE = "node:__internal_head__"
 
 
 def storage_root(spec: SweepSpec) -> str:
     """The storage path as Tune needs it: a URI as given, a local path made absolute."""
     path = spec.fields.storage.path
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+    return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
-def node_capacities() -> list[dict[str, float]]:
-    """Resources of every node a trial could use: the live ones, and the autoscaler's node types."""
-    import ray
+def autoscaler_node_types() -> tuple[list[tuple[dict[str, float], int]], int | None] | None:
+    """The worker types an autoscaler may start, as (resources, max count), and the cluster's cap on
+    workers; from the autoscaler's config in the GCS (KubeRay, autoscaler v2) or ray up's bootstrap
+    file; None on a fixed cluster."""
+    try:
+        from ray._private.state import state
 
-    nodes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
-    if BOOTSTRAP_CONFIG.is_file():  # an autoscaling cluster can still add these
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - an older Ray or no GCS entry: fall back to the file
+        config = None
+    if config is not None and config.node_group_configs:
+        types = [(dict(group.resources), int(group.max_count)) for group in config.node_group_configs
+                 if group.max_count != 0]
+        return types, None
+    if BOOTSTRAP_CONFIG.is_file():
         import yaml
 
         config = yaml.safe_load(BOOTSTRAP_CONFIG.read_text()) or {}
-        for node_type in (config.get("available_node_types") or {}).values():
-            if node_type.get("max_workers", 0) > 0:
-                nodes += [dict(node_type.get("resources") or {})] * int(node_type["max_workers"])
-    return nodes
+        head_type = config.get("head_node_type")
+        types = [(dict(node_type.get("resources") or {}), int(node_type.get("max_workers", 0)))
+                 for name, node_type in (config.get("available_node_types") or {}).items()
+                 if name != head_type and node_type.get("max_workers", 0) > 0]
+        return types, config.get("max_workers")
+    return None
+
+
+def possible_nodes(live: list[dict[str, float]],
+                   node_types: tuple[list[tuple[dict[str, float], int]], int | None] | None) -> list[dict[str, float]]:
+    """Every node trials could ever use, each once: the live nodes on a fixed cluster; on an autoscaling
+    one the head plus up to max count workers of each type (the live workers are among those),
+    at most the cluster's cap on workers (the biggest kept)."""
+    if node_types is None:
+        return live
+    types, cap = node_types
+    head = [node for node in live if HEAD_RESOURCE in node]
+    workers = [dict(resources) for resources, count in types for _ in range(max(count, 0))]
+    workers.sort(key=lambda node: (node.get("GPU", 0), node.get("CPU", 0)), reverse=True)
+    return head + (workers[:cap] if cap is not None else workers)
+
+
+def node_capacities() -> list[dict[str, float]]:
+    """Resources of every node a trial could use (see possible_nodes)."""
+    import ray
+
+    live = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    return possible_nodes(live, autoscaler_node_types())
 
 
 def _summary(nodes: list[dict[str, float]]) -> str:
@@ -57,7 +85,10 @@ def _summary(nodes: list[dict[str, float]]) -> str:
 
 
 def check_resources(spec: SweepSpec, nodes: list[dict[str, float]]) -> int:
-    """Refuse trials the cluster can never run (Tune would wait forever); return max concurrent trials."""
+    """Refuse trials the cluster can never run (Tune would wait forever); return max concurrent trials.
+
+    A multi-worker trial keeps all its workers on one node (STRICT_PACK: DDP within a node's
+    interconnect), so a trial fits on a node only if all its workers do."""
     resources = spec.fields.resources
     per_worker = resources.per_worker()
     key = {"CPU": "resources.cpus", "GPU": "resources.gpus"}
@@ -67,47 +98,44 @@ def check_resources(spec: SweepSpec, nodes: list[dict[str, float]]) -> int:
             raise SweepInputError(
                 f"{spec.source}: {key.get(name, f'resources.extra.{name}')}: each trial worker needs {name} {amount:g}, "
                 f"but no node has that much (largest: {biggest:g}; cluster: {_summary(nodes)})")
-    # How many workers fit, node by node, and so how many trials can hold all theirs at once.
-    slots = sum(min(math.floor(node.get(name, 0) / amount + 1e-9) for name, amount in per_worker.items())
-                for node in nodes) if per_worker else resources.workers * 1000
-    if resources.workers > 1:
-        slots = min(slots, math.floor(sum(n.get("CPU", 0) for n in nodes) / (TRIAL_DRIVER_CPU + resources.cpus)))
-    fitting = slots // resources.workers
+    if not per_worker:
+        fitting = 1000
+    else:
+        workers_on = [min(math.floor(node.get(name, 0) / amount + 1e-9) for name, amount in per_worker.items())
+                      for node in nodes]
+        fitting = sum(count // resources.workers for count in workers_on)
+    if resources.workers > 1:  # each trial's own driver process (TRIAL_DRIVER_CPU) needs a CPU share too
+        fitting = min(fitting, math.floor(sum(n.get("CPU", 0) for n in nodes) / (TRIAL_DRIVER_CPU + resources.cpus * resources.workers)))
     if fitting < 1:
         raise SweepInputError(f"{spec.source}: resources.workers: a trial needs {resources.workers} workers of "
-                              f"{per_worker}, the cluster fits {slots} ({_summary(nodes)})")
+                              f"{per_worker} on one node, and no node fits them ({_summary(nodes)})")
     wanted = spec.fields.max_concurrent_trials
     return min(wanted, fitting) if wanted else fitting
 
 
-def check_storage(spec: SweepSpec, nodes_alive: int) -> None:
-    """On several nodes, checkpoints must land where every node can read them."""
-    storage = spec.fields.storage
-    if nodes_alive > 1 and "://" not in storage.path and not storage.shared:
-        raise SweepInputError(
-            f"{spec.source}: storage.path: {storage.path!r} is local to this node, and the cluster has "
-            f"{nodes_alive} nodes: trials on other nodes could not resume from their checkpoints. Use a shared "
-            "URI (--storage-path s3://bucket/sweeps) or a path every node mounts with storage.shared: true")
+def check_metric(spec: SweepSpec) -> None:
+    """The sweep's metric must be one the trials report on validation epochs (or every epoch)."""
+    from trainers.engine import TRAIN_METRICS
+    from trainers.evaluator import metric_names
+
+    config = resolve(spec, {"seed": spec.fields.seeds[0]})
+    allowed = [*metric_names("val", config.eval.iou_thresholds), *TRAIN_METRICS]
+    metric = spec.fields.metric
+    if metric in allowed:
+        return
+    hint = " (test/ metrics exist only after the last epoch: choose on val)" if metric.startswith("test/") else ""
+    raise SweepInputError(f"{spec.source}: metric: {metric!r} is never reported by the trials{hint}; allowed: "
+                          f"{', '.join(allowed)}")
 
 
 def write_state(spec: SweepSpec, text: str, overrides: list[str], data: str | None, root: str) -> None:
     state = json.dumps({"space_text": text, "source": spec.source, "overrides": overrides, "data": data,
                         "storage": root, "space_hash": spec.space_hash}, indent=1)
-    if "://" in root:
-        import pyarrow.fs as pafs
-
-        filesystem, base = pafs.FileSystem.from_uri(root)
-        filesystem.create_dir(f"{base}/{spec.name}", recursive=True)
-        with filesystem.open_output_stream(f"{base}/{spec.name}/{STATE_FILE}") as stream:
-            stream.write(state.encode())
-        return
-    folder = Path(root) / spec.name
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / STATE_FILE).write_text(state)
+    storage.write_text(root, f"{spec.name}/{STATE_FILE}", state)
 
 
-def tracking_callbacks(spec: SweepSpec, uri: str | None, enabled: bool, nodes_alive: int, spill_dir: Path,
-                       log_model: str) -> list:
+def tracking_callbacks(spec: SweepSpec, uri: str | None, enabled: bool, several_nodes: bool, spill_dir: Path,
+                       log_model: str, storage_root: str) -> list:
     """The MLflow callback, after checking the tracking URI can serve this cluster and answers now."""
     if not enabled:
         return []
@@ -117,21 +145,26 @@ def tracking_callbacks(spec: SweepSpec, uri: str | None, enabled: bool, nodes_al
     from orchestrator.tracking_callback import MlflowCallback
 
     uri = uri or default_tracking_uri()
-    if nodes_alive > 1 and is_local_uri(uri):
-        raise SweepInputError(f"--tracking-uri: {uri} is a store on this machine only, and the cluster has "
-                              f"{nodes_alive} nodes; use {cluster_uri_hint()}")
+    if several_nodes and is_local_uri(uri):
+        raise SweepInputError(f"--tracking-uri: {uri} is a store on this machine only, and trials run on other "
+                              f"nodes of this cluster; use {cluster_uri_hint()}")
     quiet_mlflow_http()
     from mlflow import MlflowClient
 
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as error:  # noqa: BLE001 - any failure here means: not usable now
-        raise SweepInputError(f"--tracking-uri: cannot reach {uri} ({str(error).splitlines()[0][:200]}); start the "
+        text = str(error).splitlines()[0][:200]
+        if "401" in text or "not authenticated" in text.lower():
+            raise SweepInputError(f"--tracking-uri: {uri} refused this client's login ({text}); set "
+                                  "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (on the head node, "
+                                  "cluster/start_mlflow.sh wrote them to ~/.mlflow/credentials)") from None
+        raise SweepInputError(f"--tracking-uri: cannot reach {uri} ({text}); start the "
                               "server, or run with --no-tracking") from None
     os.environ[URI_ENV] = uri  # read by the callback, also after a restore (callbacks come back pickled)
     os.environ["HAS_SWEEP_SPILL_DIR"] = str(spill_dir)
     print(f"tracking: MLflow at {uri}, experiment {spec.name!r}")
-    return [MlflowCallback(spec, _space_text(spec), log_model)]
+    return [MlflowCallback(spec, _space_text(spec), log_model, storage_root)]
 
 
 def make_trainable(spec: SweepSpec, root: str):
@@ -155,7 +188,9 @@ def make_scheduler(spec: SweepSpec):
     scheduler = spec.fields.scheduler
     epochs = resolve(spec, {"seed": spec.fields.seeds[0]}).optim.epochs
     if scheduler.name == "asha":
-        return ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=scheduler.grace_period,
+        # The engine's epoch, not Tune's training_iteration: a restarted multi-worker trial starts
+        # its iterations at 1 again while Ray Train resumes at its checkpoint's epoch.
+        return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=scheduler.grace_period,
                              reduction_factor=scheduler.reduction_factor)
     if scheduler.name == "pbt":
         # The sampled values sit in each trial's "grid" entry: PBT perturbs them there.
@@ -172,7 +207,7 @@ def progress_reporter(spec: SweepSpec):
         varying = {f"trial/{key}": key.split(".")[-1] for key in (*spec.shown_keys, *spec.random_keys)}
     else:
         varying = {f"grid/{key}": key.split(".")[-1] for key in (*spec.shown_keys, *spec.random_keys, "seed")}
-    metrics = {"training_iteration": "epoch", "train/loss": "loss", "val/cls_top1": "val cls",
+    metrics = {"epoch": "epoch", "train/loss": "loss", "val/cls_top1": "val cls",
                spec.fields.metric: spec.fields.metric.split("/")[-1]}
     return CLIReporter(parameter_columns=varying, metric_columns=metrics, max_report_frequency=30,
                        sort_by_metric=True)
@@ -188,7 +223,7 @@ def trial_results(spec: SweepSpec, grid) -> list[TrialResult]:
         metrics = dict(result.metrics or {})
         if result.error is not None:
             status = "ERROR"
-        elif metrics.get("training_iteration", 0) < epochs:
+        elif metrics.get("epoch", 0) < epochs:
             status = "STOPPED"
         else:
             status = "TERMINATED"
@@ -202,26 +237,31 @@ def launch(spec: SweepSpec, overrides: list[str], data: str | None, *, resume: b
     from ray import tune
 
     root = storage_root(spec)
-    experiment = f"{root}/{spec.name}"
+    experiment = child_uri(root, spec.name)
     # Multi-worker trials need the State API (Ray Train watches its controller through it), which
     # the dashboard serves; in-process sweeps do without it and save the memory.
     dashboard = spec.fields.resources.workers > 1
     ray.init(address=address, include_dashboard=None if address else dashboard, logging_level=logging.WARNING,
              configure_logging=True, log_to_driver=True)
+    # Epochs without validation report no val/ metrics: Tune must accept them (ASHA and the
+    # searchers act on the epochs that have the metric; check_metric made sure some do).
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     try:
         nodes = node_capacities()
         concurrent = check_resources(spec, nodes)
-        alive = sum(1 for n in ray.nodes() if n.get("Alive"))
-        check_storage(spec, alive)
-        spill = Path(experiment) if "://" not in root else Path.cwd() / "mlflow_unsent"
-        callbacks = tracking_callbacks(spec, tracking_uri, tracking, alive, spill, log_model)
+        several_nodes = len(nodes) > 1
+        callbacks = tracking_callbacks(spec, tracking_uri, tracking, several_nodes,
+                                       Path(experiment) if not is_uri(root) else Path.cwd() / "mlflow_unsent", log_model, root)
+        check_storage(spec, root, several_nodes)
+        print(f"checks: storage {root} written by a worker node and read back here")
+        print(f"checks: data {check_data(spec, resolve(spec, {'seed': spec.fields.seeds[0]}).to_dict()['data'])}")
         trainable = make_trainable(spec, root)
         if resume:
             if not tune.Tuner.can_restore(experiment):
                 raise SweepInputError(f"--resume {spec.name}: {experiment} holds no Tune experiment to restore")
             tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
         else:
-            if experiment_exists(root, spec.name):
+            if storage.exists(root, spec.name):
                 raise SweepInputError(f"sweep {spec.name!r} already exists in {root}: resume it with --resume "
                                       f"{spec.name}, or start another with --name; nothing was overwritten")
             write_state(spec, _space_text(spec), overrides, data, root)

@@ -163,7 +163,6 @@ def tune_search(spec: SweepSpec):
     search = spec.fields.search
     if search.algorithm != "optuna":  # every trial is listed: random draws are made in grid_points
         return {"grid": tune.grid_search(grid_points(spec))}, None, 1
-    from ray.tune.search import Repeater
     from ray.tune.search.optuna import OptunaSearch
 
     sampled = tune_domains(spec)
@@ -173,6 +172,46 @@ def tune_search(spec: SweepSpec):
         sampled[key] = tune.choice(list(options))
     searcher = OptunaSearch(metric=spec.fields.metric, mode=spec.fields.mode, seed=search.seed)
     repeats = len(spec.fields.seeds)
-    if repeats > 1:  # every configuration Optuna proposes runs once per seed; it sees their mean
-        searcher = Repeater(searcher, repeat=repeats)
-    return {"trial": sampled}, searcher, search.num_samples * repeats
+    # Every configuration Optuna proposes runs once per seed; Optuna sees one score per configuration.
+    return {"trial": sampled}, seed_repeater(searcher, repeats), search.num_samples * repeats
+
+
+def paired_score(histories: list[dict[int, float]]) -> float:
+    """The mean over seeds of the metric at the deepest epoch that every seed reached with a value
+    (a scheduler may stop the seeds of one configuration at different epochs); nan if none did."""
+    import math
+
+    common = set.intersection(*(set(h) for h in histories)) if histories and all(histories) else set()
+    if not common:
+        return math.nan
+    epoch = max(common)
+    return sum(h[epoch] for h in histories) / len(histories)
+
+
+def seed_repeater(searcher, repeats: int):
+    """A Repeater whose score of a configuration is `paired_score` of its seeds' metric histories."""
+    from ray.tune.search import Repeater
+
+    class SeedRepeater(Repeater):
+        def __init__(self, searcher, repeat: int) -> None:
+            super().__init__(searcher, repeat=repeat)
+            self.histories: dict[str, dict[int, float]] = {}  # trial id -> epoch -> metric
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            metric = self.searcher.metric
+            if metric in result:  # epochs without validation carry no metric
+                epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+                self.histories.setdefault(trial_id, {})[epoch] = float(result[metric])
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, **kwargs) -> None:
+            if result is not None:
+                self.on_trial_result(trial_id, result)
+            group = self._trial_id_to_group.get(trial_id)
+            if group is None:
+                return
+            group.report(trial_id, 0.0)  # marks it done; the score is computed from the histories
+            if group.finished_reporting():
+                score = paired_score([self.histories.get(t, {}) for t in group._trials])
+                self.searcher.on_trial_complete(group.primary_trial_id, result={self.searcher.metric: score}, **kwargs)
+
+    return SeedRepeater(searcher, repeats)

@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import math
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,17 @@ class SweepSpec:
         return self.fields.metric if self.random_keys else None
 
 
+SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_sweep_name(name: str, where: str) -> str:
+    """A sweep name is one folder name under the storage root and an MLflow experiment: nothing else."""
+    if not SWEEP_NAME.fullmatch(name) or ".." in name:
+        raise SweepInputError(f"{where}: {name!r} is not a sweep name; allowed: 1-100 letters, digits, '.', '_', '-', "
+                              "starting with a letter or digit, no '..' (it names a folder under the storage root)")
+    return name
+
+
 def _error(source: str, message: str) -> SpaceError:
     return SpaceError(f"{source}: {message}")
 
@@ -264,6 +276,10 @@ def parse_space(text: str, source: str = "<sweep>") -> SweepSpec:
         raise _error(source, str(error)) from None
     if not fields_.seeds:
         raise _error(source, "seeds: at least one seed")
+    try:
+        check_sweep_name(fields_.name, f"{source}: name")
+    except SweepInputError as error:
+        raise SpaceError(str(error)) from None
     base = data.get("base") or {}
     if not isinstance(base, Mapping):
         raise _error(source, "base: a mapping of run config sections (data, model, has, optim, eval)")

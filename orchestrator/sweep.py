@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_sweep(args: argparse.Namespace):
     """The sweep spec (from --space, or from the experiment folder on --resume) with overrides applied."""
-    from orchestrator.spaces import SpaceError, SweepInputError, load_space, parse_space
+    from orchestrator.spaces import SpaceError, SweepInputError, check_sweep_name, load_space, parse_space
     from trainers.config import RunConfig
     from trainers.config_parse import ConfigError, parse_override, set_dotted
 
@@ -61,6 +61,7 @@ def load_sweep(args: argparse.Namespace):
         spec = load_space(args.space or DEFAULT_SPACE)
         overrides, data = list(args.overrides), args.data
         name = args.name or spec.name
+    check_sweep_name(name, "--resume" if args.resume is not None else "--name" if args.name else f"{spec.source}: name")
     base = json.loads(json.dumps(spec.base))
     try:
         for text in overrides:
@@ -68,8 +69,8 @@ def load_sweep(args: argparse.Namespace):
             if key in spec.domains:
                 raise SweepInputError(f"{text}: {key} is searched by the sweep (space.{key}); edit the sweep file")
             set_dotted(base, key, value, RunConfig)
-        if data:
-            set_dotted(base, "data.root", str(Path(data).resolve()))
+        if data:  # read on the worker nodes: only a relative path is made absolute (from here)
+            set_dotted(base, "data.root", data if data.startswith(("/", "~", "$")) else str(Path(data).resolve()))
     except ConfigError as error:
         raise SweepInputError(f"override: {error}") from None
     from dataclasses import replace
@@ -81,52 +82,29 @@ def load_sweep(args: argparse.Namespace):
         from orchestrator.search import validate
 
         validate(spec)
+        from orchestrator.launch import check_metric
+
+        check_metric(spec)
+    except SweepInputError:
+        raise
     except (SpaceError, ConfigError, ValueError) as error:
         raise SweepInputError(str(error)) from None
     return spec, overrides, data
 
 
 def _read_state(storage: str | None, name: str) -> dict:
+    from orchestrator import storage as store
     from orchestrator.launch import STATE_FILE
-    from orchestrator.spaces import StorageSpec, SweepInputError
+    from orchestrator.spaces import StorageSpec, SweepInputError, check_sweep_name
 
+    check_sweep_name(name, "--resume")
     root = storage or StorageSpec().path
-    root = root if "://" in root else str(Path(root).expanduser().resolve())
-    path = Path(root) / name / STATE_FILE
-    if "://" in root:
-        import pyarrow.fs as pafs
-
-        filesystem, base = pafs.FileSystem.from_uri(root)
-        try:
-            with filesystem.open_input_stream(f"{base}/{name}/{STATE_FILE}") as stream:
-                return json.loads(stream.read())
-        except (FileNotFoundError, OSError):
-            raise SweepInputError(f"--resume {name}: no sweep named {name!r} under {root}") from None
-    if not path.is_file():
-        raise SweepInputError(f"--resume {name}: no sweep named {name!r} under {root} (no {STATE_FILE})")
-    return json.loads(path.read_text())
-
-
-def check_data(spec) -> None:
-    """Folder datasets: the metadata and image files are checked once here, not in every trial."""
-    from orchestrator.search import resolve
-    from orchestrator.spaces import SweepInputError
-
-    config = resolve(spec, {"seed": spec.fields.seeds[0]})
-    if config.data.name == "synthetic":
-        return
-    from trainers.datasets.check import DatasetError, check_dataset, require_clean
-
-    root = Path(config.data.root)
-    metadata = Path(config.data.metadata) if config.data.metadata else root / "metadata"
-    for path, key in ((root, "data.root"), (metadata, "data.metadata")):
-        if not path.is_dir():
-            raise SweepInputError(f"{spec.source}: {key}: {path} is not a folder (the {config.data.name} dataset)")
+    root = root if store.is_uri(root) else str(Path(root).expanduser().resolve())
     try:
-        report, note = require_clean(check_dataset(root, metadata, decode=False, workers=1), strict=config.data.strict)
-    except DatasetError as error:
-        raise SweepInputError(f"{spec.source}: the {config.data.name} dataset has problems:\n{error}") from None
-    print(f"data: {config.data.name} at {root}: {note}")
+        return json.loads(store.read_text(root, f"{name}/{STATE_FILE}"))
+    except FileNotFoundError:
+        raise SweepInputError(f"--resume {name}: no sweep named {name!r} under {root} (no {STATE_FILE}); "
+                              "give the storage it ran with (--storage-path)") from None
 
 
 def describe_trials(spec) -> str:
@@ -170,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(describe_trials(spec))
             return 0
-        check_data(spec)
         from orchestrator.launch import launch
 
         return launch(spec, overrides, data, resume=args.resume is not None, address=args.address,

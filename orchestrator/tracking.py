@@ -8,27 +8,36 @@ continues its runs instead of making new ones.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from orchestrator.checkpoint_files import MODEL, CheckpointLocation, FetchCounter, fetch_epoch_files, fetch_file
 from orchestrator.tracking_queue import Operation, ResilientWriter
 
 log = logging.getLogger(__name__)
 
 ROLE_TAG, SWEEP_TAG, TRIAL_TAG = "has_sweep.role", "sweep", "trial_id"
 URI_ENV = "HAS_SWEEP_TRACKING_URI"  # how the driver hands the URI to a restored callback
-CLUSTER_URI_FILE = Path("/home/ray/mlflow/tracking_uri")  # written by cluster.yaml's head node
+# Written by cluster/start_mlflow.sh where it started the server (the head node, $MLFLOW_HOME).
+CLUSTER_URI_FILE = Path(os.environ.get("MLFLOW_HOME", "/home/ray/mlflow")) / "tracking_uri"
 LOCAL_SCHEMES = ("sqlite:", "file:", "/", ".")
 
 
 def default_tracking_uri() -> str:
-    """MLflow's own default: sqlite:///mlflow.db in the working directory (so `mlflow ui` there shows it)."""
+    """$MLFLOW_TRACKING_URI; else the server cluster/start_mlflow.sh started on this node; else MLflow's
+    own default, sqlite:///mlflow.db in the working directory (so `mlflow ui` there shows it)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if CLUSTER_URI_FILE.is_file() and CLUSTER_URI_FILE.read_text().strip():
+        return CLUSTER_URI_FILE.read_text().strip()
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
@@ -87,6 +96,8 @@ class SweepTracker:
         self.model_format = log_model
         self.client = MlflowClient(tracking_uri)
         self.writer = ResilientWriter(spill_dir)
+        self.fetcher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="checkpoint-fetch")
+        self.fetched = FetchCounter()  # bytes read from the trials' storage
         self.staging = Path(tempfile.mkdtemp(prefix=f"has-sweep-{sweep}-"))  # artifacts wait here until written
         self.parent = RunHandle("sweep")
         self.trials: dict[str, RunHandle] = {}
@@ -179,56 +190,67 @@ class SweepTracker:
             return True
         return False
 
-    def log_evaluation(self, trial_id: str, folder: Path, epoch: int, best: bool) -> None:
-        """The artifacts of one epoch's checkpoint folder: pictures of every evaluation, the last and
-        best predictions, the config; copied aside first (Tune may delete old checkpoints)."""
+    def log_evaluation(self, trial_id: str, location: CheckpointLocation) -> None:
+        """The artifacts of one epoch's checkpoint: pictures of every evaluation, the last and best
+        predictions, the config. Only those files are read from storage, at once on the fetch pool
+        (Tune may delete old checkpoints while a write waits for the server), never the model."""
         handle = self.trials[trial_id]
         # A fresh folder per call: the same epoch can come twice (a PBT restart) while the first waits.
-        copy = self._staging_dir(trial_id, f"epoch_{epoch:04d}-")
-        shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("state.pt"), dirs_exist_ok=True)
-        artifacts = copy / "artifacts"
+        copy = self._staging_dir(trial_id, "epoch-")
+        fetched = self.fetcher.submit(fetch_epoch_files, location, copy, self.fetched)
 
         def perform() -> None:
+            folder = _result_or_again(fetched, lambda: fetch_epoch_files(location, copy, self.fetched))
+            metrics = json.loads((folder / "metrics.json").read_text())
+            epoch = int(metrics.get("epoch", 0))
+            best = self.is_best(trial_id, metrics)
             run_id = handle.run_id
+            artifacts = folder / "artifacts"
             for picture in sorted(artifacts.glob("*.png")):
                 self.client.log_artifact(run_id, str(picture), f"evaluations/epoch_{epoch:04d}")
             for table in sorted(artifacts.glob("*.parquet")):
                 self.client.log_artifact(run_id, str(table), "predictions/last")
                 if best:
                     self.client.log_artifact(run_id, str(table), "predictions/best")
-            if (copy / "config.yaml").exists():
-                self.client.log_artifact(run_id, str(copy / "config.yaml"))
-            shutil.rmtree(copy, ignore_errors=True)
-        self.writer.submit(Operation(f"artifacts of epoch {epoch} of trial {trial_id}", perform,
-                                     {"kind": "artifacts", "trial_id": trial_id, "epoch": epoch}, [copy]))
+            if (folder / "config.yaml").exists():
+                self.client.log_artifact(run_id, str(folder / "config.yaml"))
+            shutil.rmtree(folder, ignore_errors=True)
+        self.writer.submit(Operation(f"artifacts of {location.path} of trial {trial_id}", perform,
+                                     {"kind": "artifacts", "trial_id": trial_id, "checkpoint": location.path}, [copy]))
 
-    def log_model(self, trial_id: str, folder: Path) -> None:
-        """The final model: its state_dict (or an MLflow PyTorch model when log_model='pytorch')."""
-        import torch
-
+    def log_model(self, trial_id: str, location: CheckpointLocation) -> None:
+        """The final model: its state_dict (or an MLflow PyTorch model when log_model='pytorch'),
+        read from the trial's last checkpoint once."""
         handle = self.trials[trial_id]
         target = self._staging_dir(trial_id, "model-")
-        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-        torch.save(state["model"], target / "state_dict.pt")
-        config = state["config"]
+        fetched = self.fetcher.submit(fetch_file, location, MODEL, target / MODEL, self.fetched)
 
         def perform() -> None:
+            import torch
+
+            state_file = _result_or_again(fetched, lambda: fetch_file(location, MODEL, target / MODEL, self.fetched))
+            if not (target / "state_dict.pt").exists():
+                state = torch.load(state_file, map_location="cpu", weights_only=True)
+                torch.save(state["model"], target / "state_dict.pt")
+                (target / "config.json").write_text(json.dumps(state["config"]))
+                state_file.unlink()
             if self.model_format == "pytorch":
                 import mlflow.pytorch
 
                 from trainers.backbones import build_backbone
                 from trainers.config import RunConfig
 
-                run_config = RunConfig.from_dict(config)
-                model = build_backbone(run_config.model.backbone, _num_classes(state["model"]))
-                model.load_state_dict(state["model"])
+                weights = torch.load(target / "state_dict.pt", map_location="cpu", weights_only=True)
+                run_config = RunConfig.from_dict(json.loads((target / "config.json").read_text()))
+                model = build_backbone(run_config.model.backbone, _num_classes(weights))
+                model.load_state_dict(weights)
                 with _active_run(self.uri, handle.run_id):
                     mlflow.pytorch.log_model(model, name="model")
             else:
                 self.client.log_artifact(handle.run_id, str(target / "state_dict.pt"), "model")
             shutil.rmtree(target, ignore_errors=True)
         self.writer.submit(Operation(f"final model of trial {trial_id}", perform,
-                                     {"kind": "model", "trial_id": trial_id}, [target]))
+                                     {"kind": "model", "trial_id": trial_id, "checkpoint": location.path}, [target]))
 
     def end_trial(self, trial_id: str, status: str, tags: dict[str, str]) -> None:
         """FINISHED or FAILED, with a `status` tag (completed, stopped_early, failed) and any others."""
@@ -254,9 +276,18 @@ class SweepTracker:
             self.client.set_terminated(self.parent.run_id, status)
         self.writer.submit(Operation(f"end of sweep {self.sweep}", perform, {"kind": "end_sweep", "status": status}))
         summary = self.writer.close(flush_timeout)
+        self.fetcher.shutdown(wait=False, cancel_futures=True)
         if summary is None:  # everything written: the copies are no longer needed
             shutil.rmtree(self.staging, ignore_errors=True)
         return summary
+
+
+def _result_or_again(future, again):
+    """A fetch's result; if it failed (storage away for a moment), one more try now, in the writer."""
+    try:
+        return future.result()
+    except Exception:  # noqa: BLE001 - the second try raises what is still wrong
+        return again()
 
 
 def _num_classes(state_dict: dict) -> int:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import tempfile
@@ -10,7 +9,9 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from orchestrator.checkpoint_files import CheckpointLocation, fetch_file
 from orchestrator.search import resolve, trial_values
+from orchestrator.storage import open_filesystem
 from orchestrator.spaces import SweepSpec
 from orchestrator.table import TrialResult, build_table, describe, format_table
 from orchestrator.tracking import URI_ENV, SweepTracker, git_commit, versions
@@ -44,8 +45,9 @@ def logged_metrics(result: dict) -> dict[str, float]:
 class MlflowCallback(Callback):
     """One parent run per sweep, one child run per trial, metrics every epoch, artifacts per checkpoint."""
 
-    def __init__(self, spec: SweepSpec, space_text: str, log_model: str = "state_dict") -> None:
+    def __init__(self, spec: SweepSpec, space_text: str, log_model: str = "state_dict", storage_root: str = "") -> None:
         self.spec, self.space_text, self.log_model = spec, space_text, log_model
+        self.storage_root = storage_root  # where Ray Train's checkpoint paths (no scheme) live
         self.tracker: SweepTracker | None = None
         self.summary: str | None = None
 
@@ -95,36 +97,41 @@ class MlflowCallback(Callback):
     @never_fails
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self._start(trial)
-        step = int(result.get("training_iteration", 0))
+        # The engine's epoch is the step: Tune's training_iteration starts again at 1 when a
+        # multi-worker trial is restarted, while Ray Train resumes at its checkpoint's epoch.
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
         self.tracker.log_metrics(trial.trial_id, logged_metrics(result), step)
-        if isinstance(result.get("checkpoint_path"), str):  # multi-worker trials: Ray Train's checkpoint
-            self._log_folder(trial, result["checkpoint_path"])
+        location = self._train_checkpoint(result)
+        if location is not None:  # multi-worker trials: Ray Train's checkpoint, in the sweep's storage
+            self.tracker.log_evaluation(trial.trial_id, location)
 
     @never_fails
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
         self._start(trial)
-        self._log_folder(trial, checkpoint)
+        self.tracker.log_evaluation(trial.trial_id, CheckpointLocation.of(checkpoint))
 
-    def _log_folder(self, trial, checkpoint) -> None:
-        from ray.tune import Checkpoint
+    def _train_checkpoint(self, result: dict) -> CheckpointLocation | None:
+        """Ray Train's checkpoint of a result: a path in the storage's filesystem, without a scheme."""
+        path = result.get("checkpoint_path")
+        if not isinstance(path, str):
+            return None
+        filesystem, _ = open_filesystem(self.storage_root or path)
+        return CheckpointLocation(filesystem, path)
 
-        if isinstance(checkpoint, str):
-            checkpoint = Checkpoint(checkpoint)
-        with checkpoint.as_directory() as folder:
-            folder = Path(folder)
-            metrics = json.loads((folder / "metrics.json").read_text())
-            best = self.tracker.is_best(trial.trial_id, metrics)
-            self.tracker.log_evaluation(trial.trial_id, folder, int(metrics.get("epoch", 0)), best)
+    def _final_checkpoint(self, trial) -> CheckpointLocation | None:
+        """The trial's last checkpoint: Tune's (in-process trials) or Ray Train's (multi-worker trials)."""
+        if getattr(trial, "checkpoint", None) is not None:
+            return CheckpointLocation.of(trial.checkpoint)
+        return self._train_checkpoint(trial.last_result or {})
 
     @never_fails
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._start(trial)
         epochs = resolve(self.spec, trial_values(self.spec, trial.config)).optim.epochs
-        done = int((trial.last_result or {}).get("training_iteration", 0))
-        checkpoint = _final_checkpoint(trial)
-        if checkpoint is not None and done >= epochs:
-            with checkpoint.as_directory() as folder:
-                self.tracker.log_model(trial.trial_id, Path(folder))
+        done = int((trial.last_result or {}).get("epoch", 0))
+        location = self._final_checkpoint(trial)
+        if location is not None and done >= epochs:
+            self.tracker.log_model(trial.trial_id, location)
         status = "completed" if done >= epochs else "stopped_early"
         tags = {"status": status}
         if status == "stopped_early":
@@ -137,6 +144,17 @@ class MlflowCallback(Callback):
         error = getattr(trial, "error_msg", None) or "the trial failed"
         self.tracker.end_trial(trial.trial_id, "FAILED", {"status": "failed", "error": str(error)[-4000:]})
 
+    def _last_overlay(self, trial) -> Path | None:
+        """A copy of the test CAM overlay in the trial's last checkpoint (only that file is read)."""
+        location = self._final_checkpoint(trial)
+        if location is None:
+            return None
+        target = Path(tempfile.mkdtemp(prefix="overlay-")) / "test_cam_overlay.png"
+        try:
+            return fetch_file(location, "artifacts/test_cam_overlay.png", target, self.tracker.fetched)
+        except (OSError, FileNotFoundError):
+            return None
+
     # ---- the sweep -----------------------------------------------------------------------
 
     @never_fails
@@ -148,7 +166,7 @@ class MlflowCallback(Callback):
         for trial in trials:
             config = self._config(trial)
             last = trial.last_result or {}
-            epochs[trial.trial_id] = int(last.get("training_iteration", 0))
+            epochs[trial.trial_id] = int(last.get("epoch", 0))
             status = trial.status
             if status == "TERMINATED" and epochs[trial.trial_id] < config.get("optim.epochs", 0):
                 status = "STOPPED"
@@ -160,7 +178,7 @@ class MlflowCallback(Callback):
         pair = best_and_baseline(table, self.spec.fields.metric)
         by_id = {t.trial_id: t for t in trials}
         if pair:
-            overlays = [_last_overlay(by_id[r.trial_id]) for r in pair]
+            overlays = [self._last_overlay(by_id[r.trial_id]) for r in pair]
             if all(overlays):
                 captions = tuple(f"{r.config['model.backbone']}, {r.config['has.mixture']}, "
                                  f"{r.config['has.fill']}, seed {r.config['seed']}" for r in pair)
@@ -170,27 +188,3 @@ class MlflowCallback(Callback):
         self.summary = self.tracker.end_sweep("FAILED" if failed else "FINISHED")
         if self.summary:
             print(f"\ntracking: {self.summary}")
-
-
-def _final_checkpoint(trial):
-    """The trial's last checkpoint: Tune's (in-process trials) or Ray Train's (multi-worker trials)."""
-    from ray.tune import Checkpoint
-
-    if getattr(trial, "checkpoint", None) is not None:
-        return trial.checkpoint
-    path = (trial.last_result or {}).get("checkpoint_path")
-    return Checkpoint(path) if isinstance(path, str) else None
-
-
-def _last_overlay(trial) -> Path | None:
-    """A copy of the test CAM overlay in the trial's last checkpoint."""
-    checkpoint = _final_checkpoint(trial)
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as folder:
-        source = Path(folder) / "artifacts" / "test_cam_overlay.png"
-        if not source.exists():
-            return None
-        target = Path(tempfile.mkdtemp(prefix="overlay-")) / source.name
-        target.write_bytes(source.read_bytes())
-    return target

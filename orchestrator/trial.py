@@ -122,7 +122,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
 def run_multiworker_trial(params: dict[str, Any], spec: SweepSpec, storage_path: str) -> None:
     """The Tune function of a DDP trial: a TorchTrainer of resources.workers workers."""
     from ray import tune
-    from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -135,10 +135,15 @@ def run_multiworker_trial(params: dict[str, Any], spec: SweepSpec, storage_path:
         _train_worker,
         train_loop_config={"run": config.to_dict(), "name": name},
         torch_config=TorchConfig(backend="nccl" if resources.gpus > 0 else "gloo"),
+        # All workers of a trial on one node (NVLink / PCIe between its GPUs, not the network); the
+        # pre-launch check refuses a trial no node can hold whole.
         scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=resources.gpus > 0,
-                                     resources_per_worker=resources.per_worker()),
+                                     resources_per_worker=resources.per_worker(), placement_strategy="STRICT_PACK"),
         # The same name and storage on a retry: Ray Train resumes the run from its latest checkpoint.
+        # Retries are Tune's (max_failures): none here, else a failure would be retried at both levels.
+        # The latest two epochs are kept (the newest may be half-uploaded when a node dies).
         run_config=TrainRunConfig(name=name, storage_path=storage_path, callbacks=[TuneReportCallback()],
-                                  failure_config=FailureConfig(max_failures=spec.fields.max_failures)),
+                                  failure_config=FailureConfig(max_failures=0),
+                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     trainer.fit()

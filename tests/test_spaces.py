@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.search import grid_points, resolve, trial_values, validate
-from orchestrator.spaces import SpaceError, load_space, parse_space
+from orchestrator.spaces import SpaceError, SweepInputError, check_sweep_name, load_space, parse_space
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -152,8 +152,13 @@ def cli(*args, timeout=60):
     (["optim.lrr=3"], "error: override: optim.lrr: unknown key; did you mean optim.lr?"),
     (["has.mixture=8"], "error: has.mixture=8: has.mixture is searched by the sweep (space.has.mixture)"),
     (["--space", "search_spaces/wsol_cub.yaml"], "error: search_spaces/wsol_cub.yaml: data.root: required"),
-    (["--space", "search_spaces/wsol_cub.yaml", "--data", "/no/such/dir"],
-     "error: search_spaces/wsol_cub.yaml: data.root: /no/such/dir is not a folder"),
+    (["--name", "../../x"], "error: --name: '../../x' is not a sweep name; allowed: 1-100 letters, digits"),
+    (["--resume", "a/b"], "error: --resume: 'a/b' is not a sweep name"),
+    (["--space", "tests/data/bad_metric.yaml"], "error: tests/data/bad_metric.yaml: metric: 'val/foo' is never "
+                                                 "reported by the trials; allowed: val/cls_top1, val/loc_gt_known"),
+    (["--space", "tests/data/test_metric.yaml"], "error: tests/data/test_metric.yaml: metric: 'test/maxboxacc_v2' is "
+                                                  "never reported by the trials (test/ metrics exist only after the last "
+                                                  "epoch: choose on val)"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2_within_seconds(args, message):
     done, seconds = cli(*args)
@@ -170,11 +175,35 @@ def test_dry_run_lists_the_trials_and_their_resources():
 
 
 def test_an_existing_experiment_is_seen_in_local_and_uri_storage(tmp_path):
-    from orchestrator.launch import experiment_exists
+    from orchestrator.storage import exists
 
     (tmp_path / "taken").mkdir()
-    assert experiment_exists(str(tmp_path), "taken") and not experiment_exists(str(tmp_path), "free")
-    assert experiment_exists(f"file://{tmp_path}", "taken") and not experiment_exists(f"file://{tmp_path}", "free")
+    assert exists(str(tmp_path), "taken") and not exists(str(tmp_path), "free")
+    assert exists(f"file://{tmp_path}", "taken") and not exists(f"file://{tmp_path}", "free")
+
+
+def test_an_experiment_below_a_uri_keeps_the_uri_options_at_the_end():
+    from orchestrator.storage import child_uri
+
+    assert child_uri("s3://bucket/sweeps?endpoint_override=127.0.0.1:9000&scheme=http", "quickstart") == \
+        "s3://bucket/sweeps/quickstart?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert child_uri("s3://bucket", "q") == "s3://bucket/q" and child_uri("/tmp/r", "q") == "/tmp/r/q"
+
+
+@pytest.mark.parametrize("name", ["quickstart", "wsol_cub-2", "a.b_c", "x" * 100])
+def test_a_sweep_name_is_one_folder_name(name):
+    assert check_sweep_name(name, "--name") == name
+
+
+@pytest.mark.parametrize("name", ["", "..", "../x", "a/b", "-x", ".hidden", "a..b", "x" * 101, "a b", "s3://b"])
+def test_anything_else_is_refused_as_a_sweep_name(name):
+    with pytest.raises(SweepInputError, match="is not a sweep name"):
+        check_sweep_name(name, "--name")
+
+
+def test_a_sweep_file_named_outside_the_storage_root_is_refused():
+    with pytest.raises(SpaceError, match=r"sweep.yaml: name: '\.\./up' is not a sweep name"):
+        space("name: ../up\n")
 
 
 def test_optuna_asha_and_pbt_sweeps_build_their_tune_objects():

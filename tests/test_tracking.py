@@ -2,12 +2,14 @@
 import json
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow import MlflowClient
 
 from mlflow_server import MlflowServer
+from orchestrator.checkpoint_files import CheckpointLocation
 from orchestrator.report import results_from_mlflow
 from orchestrator.table import TrialResult, build_table, format_table
 from orchestrator.tracking import SweepTracker
@@ -48,6 +50,11 @@ def wait_until(condition, seconds=20.0):
     return condition()
 
 
+def local(folder: Path) -> CheckpointLocation:
+    """A checkpoint folder as the callback hands it over: a filesystem and a path in it."""
+    return CheckpointLocation(pafs.LocalFileSystem(), str(folder))
+
+
 def metrics_of(folder: Path) -> dict:
     return json.loads((folder / "metrics.json").read_text())
 
@@ -62,8 +69,8 @@ def run_sweep(tracker: SweepTracker, config: RunConfig, folders, epochs=(1, 2)) 
         for epoch in epochs:
             metrics = metrics_of(folders[epoch - 1])
             tracker.log_metrics(trial, {**metrics, "val/cls_top1": metrics["val/cls_top1"] + index}, epoch)
-            tracker.log_evaluation(trial, folders[epoch - 1], epoch, tracker.is_best(trial, metrics))
-        tracker.log_model(trial, folders[-1])
+            tracker.log_evaluation(trial, local(folders[epoch - 1]))
+        tracker.log_model(trial, local(folders[-1]))
         tracker.end_trial(trial, "FINISHED", {"status": "completed"})
         final = {**metrics_of(folders[-1])}
         final["val/cls_top1"] += index
@@ -132,7 +139,7 @@ def test_a_server_stopped_and_restarted_mid_sweep_loses_no_metric(server, checkp
     server.stop()
     for epoch in (2, 3, 4):  # the sweep goes on; these wait in the queue
         tracker.log_metrics("t0", {"val/x": float(epoch)}, epoch)
-    tracker.log_evaluation("t0", folders[1], 4, True)
+    tracker.log_evaluation("t0", local(folders[1]))  # the checkpoint of epoch 2
     assert wait_until(lambda: tracker.writer.outages == 1) and tracker.writer.pending > 0
     server.start()
     assert tracker.end_sweep(flush_timeout=120) is None
@@ -141,7 +148,7 @@ def test_a_server_stopped_and_restarted_mid_sweep_loses_no_metric(server, checkp
                  if r.data.tags["has_sweep.role"] == "trial")
     assert [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, "val/x")] == \
         [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
-    assert any(a.path.endswith("epoch_0004") for a in client.list_artifacts(child.info.run_id, "evaluations"))
+    assert any(a.path.endswith("epoch_0002") for a in client.list_artifacts(child.info.run_id, "evaluations"))
 
 
 def test_writes_that_never_reach_the_server_are_saved_and_reported(server, checkpoints, tmp_path):
@@ -153,7 +160,7 @@ def test_writes_that_never_reach_the_server_are_saved_and_reported(server, check
     server.stop()
     try:
         tracker.log_metrics("t0", {"val/x": 7.0}, 5)
-        tracker.log_evaluation("t0", folders[1], 5, True)
+        tracker.log_evaluation("t0", local(folders[1]))
         summary = tracker.end_sweep(flush_timeout=3)
     finally:
         server.start()  # for the next tests of the module
@@ -175,3 +182,19 @@ def test_the_report_shows_the_numbers_that_are_in_the_runs(server, checkpoints, 
     assert format_table(build_table(results), "csv") == format_table(build_table(logged), "csv")
     row = build_table(results, "val").rows[0]
     assert sorted(row.values["cls_top1"]) == sorted(r.metrics["val/cls_top1"] for r in logged)
+
+
+def test_the_driver_reads_only_what_it_logs_every_epoch_and_the_model_once(server, checkpoints, tmp_path):
+    config, folders = checkpoints
+    tracker = SweepTracker(server.uri, "fetched", tmp_path / "spill")
+    tracker.start_sweep({}, {})
+    tracker.start_trial("t0", "t0", flatten(config.to_dict()))
+    for folder in folders:
+        tracker.log_evaluation("t0", local(folder))
+    assert tracker.writer.flush(60)
+    small = sum(f.stat().st_size for folder in folders for f in folder.rglob("*") if f.is_file() and f.name != "state.pt")
+    assert (tracker.fetched.bytes, tracker.fetched.files) == (small, sum(
+        1 for folder in folders for f in folder.rglob("*") if f.is_file() and f.name != "state.pt"))
+    tracker.log_model("t0", local(folders[-1]))
+    assert tracker.end_sweep() is None
+    assert tracker.fetched.bytes == small + (folders[-1] / "state.pt").stat().st_size

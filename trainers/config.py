@@ -6,6 +6,7 @@ raises ConfigError with the key's dotted path and the allowed values.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,8 @@ def _require(condition: bool, message: str) -> None:
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "synthetic"  # "synthetic" (embedded, no files) or a label for a wsolevaluation-layout folder
-    root: str | None = None  # images root of a folder dataset (image ids are relative to it)
+    root: str | None = None  # images root of a folder dataset (image ids are relative to it); $VARS and ~
+    #   are expanded on the node that reads it (the data lives on each worker node, not on the driver)
     metadata: str | None = None  # its metadata root with train/val/test; default: <root>/metadata
     resize_size: int = 256  # train: resize to a square of this side (wsolevaluation) ...
     crop_size: int = 224  # ... then random-crop this; eval: resize straight to this
@@ -44,6 +46,12 @@ class DataConfig:
                  f"crop_size {self.crop_size} / resize_size {self.resize_size}: need 8 <= crop_size <= resize_size")
         _require(self.batch_size >= 1, f"batch_size: {self.batch_size} is not allowed; an int >= 1")
         _require(self.workers >= 0, f"workers: {self.workers} is not allowed; an int >= 0")
+
+    def folders(self) -> tuple[Path, Path]:
+        """(images root, metadata root) on this node: environment variables and ~ expanded here."""
+        root = Path(os.path.expandvars(os.path.expanduser(self.root or "")))
+        metadata = Path(os.path.expandvars(os.path.expanduser(self.metadata))) if self.metadata else root / "metadata"
+        return root, metadata
 
     @property
     def input_size(self) -> int:

@@ -28,6 +28,10 @@ from trainers.evaluator import LocalizationEvaluator
 from trainers.hide import HideAndSeek
 from trainers.optim import build_optimizer, build_scheduler
 
+# Reported every epoch; val/... (evaluator.metric_names) every eval.every epochs and at the last one,
+# test/... after the last one.
+TRAIN_METRICS = ("train/loss", "train/cls_top1", "train/lr", "train/epoch_seconds", "train/images_per_second")
+
 
 @dataclass
 class StepInfo:

@@ -18,6 +18,14 @@ def iou_key(delta: float) -> str:
     return f"iou{round(delta * 100)}"
 
 
+def metric_names(split: str, iou_thresholds: Sequence[float] = IOU_THRESHOLDS) -> list[str]:
+    """Every name compute() can report for `split` (box or mask datasets), for checks made before training."""
+    names = ["cls_top1", "loc_gt_known", "loc_top1", "maxboxacc", "maxboxacc_v2", "pxap"]
+    for delta in iou_thresholds:
+        names += [f"maxboxacc_v2_{iou_key(delta)}", f"cam_threshold_{iou_key(delta)}"]
+    return [f"{split}/{name}" for name in names]
+
+
 class LocalizationEvaluator:
     """reset() / update(cams, logits, targets, boxes|masks) / compute() -> {'val/maxboxacc_v2': ...}.
 

@@ -64,10 +64,9 @@ def _synthetic_data(spec) -> RunData:
 def _folder_data(config, seed: int) -> RunData:
     from trainers.datasets.check import check_dataset, require_clean
 
-    root = Path(config.root)
+    root, metadata = config.folders()
     if not root.is_dir():
         raise FileNotFoundError(f"data.root: {root} is not a folder (the images root of dataset {config.name!r})")
-    metadata = Path(config.metadata) if config.metadata else root / "metadata"
     if not metadata.is_dir():
         raise FileNotFoundError(f"data.metadata: {metadata} is not a folder with train/val/test metadata")
     report = check_dataset(root, metadata, splits=SPLITS, decode=False, workers=1)
