@@ -1,0 +1,155 @@
+"""Sweeps on the emulated cluster (tests/cluster_emulation.py): a head that runs no trial, two worker
+nodes with their own data, storage only through S3, the head's authenticated MLflow server with its
+artifacts in S3. Each scenario ends with every child run FINISHED, metrics at the epochs, the
+artifacts in S3, nothing lost and no duplicate runs."""
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from cluster_emulation import BUCKET, EmulatedCluster
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 4
+# The data lives on each worker node ($HAS_NODE_DATA is set there, not on the driver); validation
+# every 2 epochs: epochs 1 and 3 report no val/ metric (the case that aborted shipped sweeps).
+BASE = {"data": {"name": "voc", "root": "$HAS_NODE_DATA/voc", "resize_size": 40, "crop_size": 32, "batch_size": 4,
+                 "workers": 0},
+        "optim": {"epochs": EPOCHS, "lr": 0.05}, "eval": {"every": 2, "interval": 0.05, "test_interval": 0.05,
+                                                           "overlay_count": 4}, "threads": 1}
+DDP = {"cpus": 0.5, "workers": 2}
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    cluster = EmulatedCluster(tmp_path_factory.mktemp("cluster")).start()
+    yield cluster
+    cluster.shutdown()
+
+
+def sweep_file(cluster: EmulatedCluster, name: str, **fields):
+    fields = {"name": name, "base": BASE, "space": {"has.mixture": {"grid": ["none", "8"]}}, "resources": DDP,
+              "max_failures": 2, "storage": {"path": cluster.storage(), "sync_seconds": 1}, **fields}
+    path = cluster.folder / f"{name}.yaml"
+    path.write_text(json.dumps(fields))  # JSON is YAML
+    return path
+
+
+def wait_for(condition, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
+
+
+def train_checkpoints(cluster: EmulatedCluster, sweep: str) -> dict[str, list[str]]:
+    """Ray Train checkpoints in S3, by Train run (one per multi-worker trial)."""
+    runs: dict[str, list[str]] = {}
+    for key in cluster.s3.keys(f"sweeps/{sweep}-train-"):
+        parts = key.split("/")
+        if len(parts) > 3 and parts[2].startswith("checkpoint_") and parts[-1] == "metrics.json":
+            runs.setdefault(parts[1], []).append(parts[2])
+    return runs
+
+
+def assert_tracked_in_full(cluster: EmulatedCluster, sweep: str, trials: int) -> None:
+    """One parent, one FINISHED child per trial, every epoch's metrics once at its epoch, artifacts in S3."""
+    client = cluster.mlflow.client()
+    experiment = client.get_experiment_by_name(sweep)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags["has_sweep.role"] == "sweep"]
+    children = [r for r in runs if r.data.tags["has_sweep.role"] == "trial"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == trials and len({c.data.tags["trial_id"] for c in children}) == trials
+    for child in children:
+        run_id = child.info.run_id
+        assert child.info.status == "FINISHED" and child.data.tags["status"] == "completed", child.data.tags
+        assert [m.step for m in client.get_metric_history(run_id, "epoch")] == list(range(1, EPOCHS + 1))
+        assert [int(m.value) for m in client.get_metric_history(run_id, "epoch")] == list(range(1, EPOCHS + 1))
+        assert [m.step for m in client.get_metric_history(run_id, "val/maxboxacc_v2")] == [2, 4]
+        assert [m.step for m in client.get_metric_history(run_id, "test/maxboxacc_v2")] == [EPOCHS]
+        stored = set(cluster.s3.keys(f"mlflow-artifacts/{experiment.experiment_id}/{run_id}/artifacts/"))
+        prefix = f"mlflow-artifacts/{experiment.experiment_id}/{run_id}/artifacts/"
+        assert {prefix + "evaluations/epoch_0004/test_cam_overlay.png", prefix + "model/state_dict.pt",
+                prefix + "predictions/last/test_predictions.parquet", prefix + "config.yaml"} <= stored, sorted(stored)
+
+
+def test_the_checks_run_where_the_data_and_the_storage_live(emulated):
+    # The data is on the workers only: a path the driver cannot see passes, checked on a worker.
+    ok = sweep_file(emulated, "checked", base={**BASE, "optim": {"epochs": 1}},
+                    space={"has.mixture": {"grid": ["none"]}}, resources={"cpus": 1})
+    done = emulated.sweep("--space", str(ok))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "checks: data voc at $HAS_NODE_DATA/voc on worker node" in done.stdout
+    assert f"checks: storage {emulated.storage()} written by a worker node and read back here" in done.stdout
+    # A folder missing on the worker nodes is refused before any trial, naming the node's path.
+    missing = sweep_file(emulated, "missing", base={**BASE, "data": {**BASE["data"], "root": "$HAS_NODE_DATA/nope"}})
+    done = emulated.sweep("--space", str(missing))
+    assert done.returncode == 2
+    assert f"error: {missing}: checked on worker node" in done.stderr
+    assert f"data.root: {emulated.folder}/node" in done.stderr and "/nope is not a folder on this node" in done.stderr
+    # Storage only on the driver's disk is refused: the trials run on other nodes.
+    local = sweep_file(emulated, "local", storage={"path": str(emulated.folder / "results")})
+    done = emulated.sweep("--space", str(local))
+    assert done.returncode == 2 and "is local to this node, and trials run on other nodes" in done.stderr
+    # A bucket the workers cannot write to is found by a worker, before any trial.
+    nobucket = sweep_file(emulated, "nobucket", storage={"path": "s3://no-such-bucket/sweeps"})
+    done = emulated.sweep("--space", str(nobucket))
+    assert done.returncode == 2 and "storage.path: a worker node cannot write to s3://no-such-bucket/sweeps" \
+        in done.stderr, done.stderr[-2000:]
+    assert not emulated.s3.keys("sweeps/missing") and not emulated.s3.keys("sweeps/local")
+
+
+def test_ddp_trials_survive_a_node_kill_and_a_tracking_server_restart(emulated):
+    import ray
+    from ray._private.state import available_resources_per_node
+
+    path = sweep_file(emulated, "ddp")
+    driver = emulated.start_sweep("--space", str(path))
+    try:
+        wait_for(lambda: any(train_checkpoints(emulated, "ddp").values()), 300, "a first Train checkpoint in S3")
+        ray.init(address=emulated.address)
+        free = available_resources_per_node()
+        ray.shutdown()
+        busy = [n for n in emulated.nodes if free.get(n.node_id, {}).get("CPU", 0) < emulated.cpus_per_worker]
+        emulated.kill_worker(busy[0])  # a node with a trial's DDP workers on it
+        emulated.mlflow.stop()  # and the tracking server goes away for a while
+        emulated.add_worker()  # the autoscaler's replacement
+        time.sleep(5)
+        emulated.mlflow.start()
+        assert driver.wait(timeout=600) == 0, driver.log_path.read_text()[-4000:]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    log = driver.log_path.read_text()
+    assert "The trial terminated successfully after retrying." in log  # the node's trial, from its checkpoint
+    assert "tracking server unreachable" in log and "tracking server back" in log
+    runs = train_checkpoints(emulated, "ddp")
+    # Train keeps its 2 newest checkpoints (the retried run may still hold its first run's last one).
+    assert len(runs) == 2 and min(len(c) for c in runs.values()) == 2 and max(len(c) for c in runs.values()) < EPOCHS
+    assert not (emulated.folder / "ray_results").exists()  # nothing on the driver's disk
+    assert emulated.s3.keys("sweeps/ddp/has_sweep.json")
+    assert_tracked_in_full(emulated, "ddp", trials=2)
+
+
+def test_a_killed_driver_resumes_ddp_trials_from_s3_with_their_epochs(emulated):
+    path = sweep_file(emulated, "resumed", space={"has.mixture": {"grid": ["8"]}})
+    driver = emulated.start_sweep("--space", str(path))
+    try:
+        wait_for(lambda: any(len(c) >= 2 for c in train_checkpoints(emulated, "resumed").values()), 300,
+                 "two Train checkpoints in S3")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    done = emulated.sweep("--resume", "resumed", "--storage-path", emulated.storage())
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # The restarted Tune trial starts its iterations at 1, Ray Train resumed at the epoch after its
+    # checkpoint: MLflow has each epoch once, at its own step.
+    assert_tracked_in_full(emulated, "resumed", trials=1)
+    assert emulated.s3.keys("sweeps/resumed/has_sweep.json") and BUCKET
