@@ -10,7 +10,7 @@ from pathlib import Path
 from orchestrator import storage
 from orchestrator.checks import check_data, check_storage
 from orchestrator.search import resolve, trial_values, tune_domains, tune_search
-from orchestrator.spaces import TRIAL_DRIVER_CPU, SweepInputError, SweepSpec
+from orchestrator.spaces import TRIAL_DRIVER_CPU, WEIGHT_PREFIX, SweepInputError, SweepSpec
 from orchestrator.storage import child_uri, is_uri
 from orchestrator.table import TrialResult, build_table, describe, format_table
 from trainers.config_parse import flatten
@@ -203,10 +203,14 @@ def progress_reporter(spec: SweepSpec):
     """Tune's table with the columns people read: what varies, the epoch and the key metrics."""
     from ray.tune import CLIReporter
 
+    # The keys as they are in each trial's params: sampled mixture weights travel as has.mixture.w<size>.
+    sampled = [f"{WEIGHT_PREFIX}{size}" if spec.domains[key].kind == "sampled_weights" else key
+               for key in spec.random_keys for size in (spec.domains[key].values
+                                                         if spec.domains[key].kind == "sampled_weights" else [None])]
     if spec.fields.search.algorithm == "optuna":
-        varying = {f"trial/{key}": key.split(".")[-1] for key in (*spec.shown_keys, *spec.random_keys)}
+        varying = {f"trial/{key}": key.split(".")[-1] for key in (*spec.grid_keys, *sampled)}
     else:
-        varying = {f"grid/{key}": key.split(".")[-1] for key in (*spec.shown_keys, *spec.random_keys, "seed")}
+        varying = {f"grid/{key}": key.split(".")[-1] for key in (*spec.shown_keys, *sampled, "seed")}
     metrics = {"epoch": "epoch", "train/loss": "loss", "val/cls_top1": "val cls",
                spec.fields.metric: spec.fields.metric.split("/")[-1]}
     return CLIReporter(parameter_columns=varying, metric_columns=metrics, max_report_frequency=30,

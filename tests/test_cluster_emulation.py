@@ -6,12 +6,14 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
 from cluster_emulation import BUCKET, EmulatedCluster
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
 
 EPOCHS = 4
 # The data lives on each worker node ($HAS_NODE_DATA is set there, not on the driver); validation
@@ -69,14 +71,15 @@ def assert_tracked_in_full(cluster: EmulatedCluster, sweep: str, trials: int) ->
     assert len(children) == trials and len({c.data.tags["trial_id"] for c in children}) == trials
     for child in children:
         run_id = child.info.run_id
+        epochs = int(child.data.params["optim.epochs"])
         assert child.info.status == "FINISHED" and child.data.tags["status"] == "completed", child.data.tags
-        assert [m.step for m in client.get_metric_history(run_id, "epoch")] == list(range(1, EPOCHS + 1))
-        assert [int(m.value) for m in client.get_metric_history(run_id, "epoch")] == list(range(1, EPOCHS + 1))
-        assert [m.step for m in client.get_metric_history(run_id, "val/maxboxacc_v2")] == [2, 4]
-        assert [m.step for m in client.get_metric_history(run_id, "test/maxboxacc_v2")] == [EPOCHS]
-        stored = set(cluster.s3.keys(f"mlflow-artifacts/{experiment.experiment_id}/{run_id}/artifacts/"))
+        assert [m.step for m in client.get_metric_history(run_id, "epoch")] == list(range(1, epochs + 1))
+        assert [int(m.value) for m in client.get_metric_history(run_id, "epoch")] == list(range(1, epochs + 1))
+        assert [m.step for m in client.get_metric_history(run_id, "val/maxboxacc_v2")] == list(range(2, epochs + 1, 2))
+        assert [m.step for m in client.get_metric_history(run_id, "test/maxboxacc_v2")] == [epochs]
         prefix = f"mlflow-artifacts/{experiment.experiment_id}/{run_id}/artifacts/"
-        assert {prefix + "evaluations/epoch_0004/test_cam_overlay.png", prefix + "model/state_dict.pt",
+        stored = set(cluster.s3.keys(prefix))
+        assert {prefix + f"evaluations/epoch_{epochs:04d}/test_cam_overlay.png", prefix + "model/state_dict.pt",
                 prefix + "predictions/last/test_predictions.parquet", prefix + "config.yaml"} <= stored, sorted(stored)
 
 
@@ -138,18 +141,122 @@ def test_ddp_trials_survive_a_node_kill_and_a_tracking_server_restart(emulated):
     assert_tracked_in_full(emulated, "ddp", trials=2)
 
 
-def test_a_killed_driver_resumes_ddp_trials_from_s3_with_their_epochs(emulated):
-    path = sweep_file(emulated, "resumed", space={"has.mixture": {"grid": ["8"]}})
+def test_a_killed_driver_resumes_from_s3_keeping_finished_trials_and_the_epochs_of_ddp_ones(emulated):
+    # Two DDP trials side by side, one of 2 epochs and one of 4: the driver dies when the short one
+    # has finished and the long one has checkpoints; --resume finds everything in S3.
+    path = sweep_file(emulated, "resumed", space={"has.mixture": {"grid": ["8"]}, "optim.epochs": {"grid": [2, EPOCHS]}})
     driver = emulated.start_sweep("--space", str(path))
+
+    def finished_and_checkpointed():
+        states = sorted(k for k in emulated.s3.keys("sweeps/resumed/experiment_state-"))
+        state = emulated.s3.client().get_object(Bucket=BUCKET, Key=states[-1])["Body"].read().decode() if states else ""
+        long_run = [c for c in train_checkpoints(emulated, "resumed").values() if len(c) >= 2]
+        return state.count("TERMINATED") >= 1 and len(long_run) == 2 and state
+
     try:
-        wait_for(lambda: any(len(c) >= 2 for c in train_checkpoints(emulated, "resumed").values()), 300,
-                 "two Train checkpoints in S3")
+        wait_for(finished_and_checkpointed, 300, "one finished trial and two checkpoints of the other in S3")
+        done_before = {k: emulated.s3.client().get_object(Bucket=BUCKET, Key=k)["Body"].read()
+                       for k in emulated.s3.keys("sweeps/resumed/") if k.endswith("/result.json")}
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     done = emulated.sweep("--resume", "resumed", "--storage-path", emulated.storage())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # The finished trial was not run again: its results in S3 are as they were.
+    def rows(text: bytes) -> list[dict]:
+        return [json.loads(line) for line in text.decode().splitlines() if line.strip()]
+
+    finished = [k for k, text in done_before.items()
+                if rows(text) and rows(text)[-1]["config"]["grid"]["optim.epochs"] == 2 and rows(text)[-1]["epoch"] == 2]
+    assert len(finished) == 1 and all(emulated.s3.client().get_object(Bucket=BUCKET, Key=k)["Body"].read() == done_before[k]
+                            for k in finished)
     # The restarted Tune trial starts its iterations at 1, Ray Train resumed at the epoch after its
-    # checkpoint: MLflow has each epoch once, at its own step.
-    assert_tracked_in_full(emulated, "resumed", trials=1)
-    assert emulated.s3.keys("sweeps/resumed/has_sweep.json") and BUCKET
+    # checkpoint: MLflow has each epoch once, at its own step, in the same runs.
+    assert_tracked_in_full(emulated, "resumed", trials=2)
+
+
+# ---- every shipped sweep file, shrunk ------------------------------------------------------------
+
+SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
+# What a CPU test cannot keep, and why: no GPU here (gpus -> a CPU share per worker); no download
+# here (ImageNet weights -> random init: the backbones' shapes and schedules are what is tested);
+# the folder datasets (CUB, ILSVRC) -> voc-animals photos on each worker node, at 64 px.
+SMALL_DATA = {"root": "$HAS_NODE_DATA/voc", "resize_size": 56, "crop_size": 48, "batch_size": 4, "workers": 0}
+
+
+def first(values: list) -> list:
+    return values[:1]
+
+
+def shrink(sweep: dict, storage: str) -> dict:
+    """The same sweep, smaller: its search algorithm, scheduler, seeds, eval cadence, workers per
+    trial and storage kind (S3) kept; the data, image size, epochs and trial count shrunk."""
+    sweep = json.loads(json.dumps(sweep))
+    base = sweep.setdefault("base", {})
+    data = base.setdefault("data", {})
+    if data.get("name", "synthetic") == "synthetic":
+        data["synthetic"] = {"train_size": 128, "val_size": 32, "test_size": 32}
+        data["batch_size"] = 64
+    else:
+        data.update(SMALL_DATA)
+    if base.get("model", {}).get("weights") == "imagenet":
+        base["model"]["weights"] = None
+    base.setdefault("optim", {}).update({"epochs": 2})
+    base["optim"].pop("step_epochs", None)
+    evaluation = base.setdefault("eval", {})
+    evaluation.update({"interval": 0.05, "test_interval": 0.05, "workers": 1, "overlay_count": 4})
+    base["threads"] = 1
+    for key, domain in sweep.get("space", {}).items():
+        if isinstance(domain, dict) and "grid" in domain:
+            domain["grid"] = first(domain["grid"])
+            for bundle in domain["grid"]:
+                if isinstance(bundle, dict) and "optim.epochs" in bundle:
+                    bundle["optim.epochs"], bundle["optim.step_epochs"] = 2, 1
+    search = sweep.setdefault("search", {})
+    if search.get("algorithm") in ("random", "optuna"):
+        search["num_samples"] = 1
+    scheduler = sweep.get("scheduler", {})
+    if scheduler.get("name") == "asha":
+        scheduler["grace_period"] = 1
+    resources = sweep.setdefault("resources", {})
+    workers = resources.get("workers", 1)
+    resources.update({"gpus": 0, "cpus": 0.4 if workers > 1 else 1})
+    sweep["max_concurrent_trials"] = 2
+    sweep["storage"] = {**sweep.get("storage", {}), "path": storage, "sync_seconds": 1}
+    return sweep
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_every_shipped_sweep_file_runs_end_to_end_on_the_cluster(emulated, path):
+    import yaml
+
+    shipped = yaml.safe_load(path.read_text())
+    small = shrink(shipped, emulated.storage("shipped"))
+    kept = ("search", "scheduler", "seeds")
+    assert {k: (small.get(k) or {}).get("name") if k == "scheduler" else None for k in kept} == \
+        {k: (shipped.get(k) or {}).get("name") if k == "scheduler" else None for k in kept}
+    assert small.get("seeds") == shipped.get("seeds") and small["base"].get("eval", {}).get("every") == \
+        shipped.get("base", {}).get("eval", {}).get("every")
+    assert small["resources"].get("workers", 1) == shipped.get("resources", {}).get("workers", 1)
+    assert small["search"].get("algorithm") == shipped.get("search", {}).get("algorithm")
+    target = emulated.folder / f"shipped_{path.name}"
+    target.write_text(yaml.safe_dump(small))
+    done = emulated.sweep("--space", str(target))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
+    name = small.get("name", path.stem)
+    assert f"sweep {name}: " in done.stdout and emulated.s3.keys(f"shipped/{name}/has_sweep.json")
+    client = emulated.mlflow.client()
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    children = [r for r in runs if r.data.tags["has_sweep.role"] == "trial"]
+    seeds = len(shipped.get("seeds", [0]))
+    assert children and len(children) % seeds == 0
+    assert all(c.info.status == "FINISHED" for c in children)
+    for child in children:
+        epochs = [m.step for m in client.get_metric_history(child.info.run_id, "epoch")]
+        if child.data.tags["status"] == "stopped_early":  # ASHA's cut: the epochs it ran, then no more
+            assert epochs == list(range(1, int(child.data.tags["stopped_at_epoch"]) + 1)) and len(epochs) < 2
+        else:
+            assert child.data.tags["status"] == "completed" and epochs == [1, 2]
+        every = small["base"].get("eval", {}).get("every", 1)
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val/cls_top1")] == \
+            [e for e in epochs if e % every == 0 or e == 2]

@@ -234,3 +234,27 @@ scheduler: {name: pbt, perturbation_interval: 2}
     param_space, searcher, samples = tune_search(pbt)
     assert searcher is None and samples == 1 and len(param_space["grid"]["grid_search"]) == 4
     assert isinstance(make_scheduler(pbt), PopulationBasedTraining)
+
+
+@pytest.mark.parametrize("search", ["{algorithm: optuna, num_samples: 3}", "{algorithm: random, num_samples: 2}"])
+def test_the_progress_table_shows_keys_every_trial_has(search):
+    from ray._private.dict import unflattened_lookup
+
+    from orchestrator.launch import progress_reporter
+    from orchestrator.search import tune_search
+
+    spec = space(f"""
+space:
+  has.mixture: {{sampled_weights: [0, 16]}}
+  has.fill: {{choice: [zero, blur]}}
+  model.backbone: {{grid: [tiny_cnn]}}
+search: {search}
+""")
+    param_space, _, _ = tune_search(spec)
+    if "trial" in param_space:  # optuna: one sample of each domain
+        params = {"trial": {key: (d.sample() if hasattr(d, "sample") else d) for key, d in param_space["trial"].items()}}
+    else:
+        params = {"grid": param_space["grid"]["grid_search"][0]}
+    columns = progress_reporter(spec)._parameter_columns
+    assert {unflattened_lookup(column, params) is not None for column in columns} == {True}
+    assert {column.split("/", 1)[1] for column in columns} >= {"has.mixture.w0", "has.mixture.w16", "has.fill"}

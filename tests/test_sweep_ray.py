@@ -1,7 +1,7 @@
-"""The sweep on a real Ray: quickstart end to end, DDP trials, node loss, ASHA, retries, driver restarts."""
+"""The sweep on a real local Ray: quickstart end to end, DDP = the engine's DDP, ASHA, retries, PBT.
+Node loss, driver restarts, S3 storage and the authenticated tracking server: test_cluster_emulation.py."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -150,96 +150,6 @@ def test_asha_stops_the_bad_trials_early(tmp_path):
               for t in trial_dirs(tmp_path / "rr" / "asha")}
     assert epochs[0.3] == 4 and min(epochs.values()) < 4
     assert "stopped early by the scheduler" in done.stdout
-
-
-def _wait_for(condition, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture
-def cluster():
-    os.environ.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False,
-        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
-                           "health_check_failure_threshold": 3}})
-    yield cluster
-    cluster.shutdown()
-
-
-def test_trials_land_on_workers_and_survive_losing_their_node(tmp_path, cluster):
-    import ray
-    from ray._private.state import available_resources_per_node
-
-    workers = [cluster.add_node(num_cpus=2, resources={"gpu_slot": 1}) for _ in range(2)]
-    cluster.wait_for_nodes()
-    base = {**TINY, "data": {**TINY["data"], "synthetic": {"train_size": 1536, "val_size": 48, "test_size": 40}},
-            "optim": {"epochs": 6}}
-    path = sweep_file(tmp_path, "nodes", base=base, resources={"cpus": 1, "extra": {"gpu_slot": 1}},
-                      storage={"path": str(tmp_path / "rr"), "shared": True}, max_failures=2)
-    refused = run_sweep("--space", str(path), "--address", cluster.address)
-    assert refused.returncode == 2 and "is a store on this machine only, and the cluster has 3 nodes; use " \
-        "--tracking-uri http://<head private address>:5000" in refused.stderr
-    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", "--space", str(path), "--address",
-                               cluster.address, "--no-tracking"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=ENV, cwd=ROOT)
-    experiment = tmp_path / "rr" / "nodes"
-    _wait_for(lambda: experiment.exists() and list(experiment.glob("*/checkpoint_000001")), 180, "2 epochs")
-    ray.init(address=cluster.address)
-    free = available_resources_per_node()  # a resource in full use is absent from its node's entry
-    ray.shutdown()
-    (victim,) = [w for w in workers if free[w.node_id].get("gpu_slot", 0) < 1]  # the trial's worker node
-    cluster.remove_node(victim, allow_graceful=False)
-    output, _ = driver.communicate(timeout=300)
-    assert driver.returncode == 0, output[-3000:]
-    (trial,) = trial_dirs(experiment)
-    epochs = [r["epoch"] for r in results(trial)]
-    assert epochs[-1] == 6.0 and epochs.count(1.0) == 1  # continued from a checkpoint, not from scratch
-
-
-def test_a_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, cluster):
-    from mlflow_server import MlflowServer
-
-    server = MlflowServer(tmp_path / "mlflow").start()
-    cluster.add_node(num_cpus=2)
-    cluster.wait_for_nodes()
-    base = {**TINY, "optim": {"epochs": 3}}
-    path = sweep_file(tmp_path, "restart", base=base, space={"optim.lr": {"grid": [0.1, 0.05, 0.02, 0.01]}},
-                      max_concurrent_trials=1, storage={"path": str(tmp_path / "rr"), "shared": True, "sync_seconds": 1})
-    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", "--space", str(path), "--address",
-                               cluster.address, "--tracking-uri", server.uri], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT, start_new_session=True)
-    experiment = tmp_path / "rr" / "restart"
-
-    def finished() -> list[Path]:
-        """Trials done by their own results and recorded as TERMINATED in the driver's snapshot."""
-        states = sorted(experiment.glob("experiment_state-*.json")) if experiment.exists() else []
-        if not states or states[-1].read_text().count("TERMINATED") < 2:
-            return []
-        return [t for t in trial_dirs(experiment) if results(t)[-1]["training_iteration"] == 3]
-
-    _wait_for(lambda: len(finished()) >= 2, 240, "two finished trials in the experiment state")
-    before = {t.name: (t / "result.json").read_text() for t in finished()}
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    done = run_sweep("--resume", "restart", "--storage-path", str(tmp_path / "rr"), "--address", cluster.address,
-                     "--tracking-uri", server.uri)
-    assert done.returncode == 0, done.stderr[-3000:]
-    trials = trial_dirs(experiment)
-    assert len(trials) == 4 and all(results(t)[-1]["training_iteration"] == 3 for t in trials)
-    for name, text in before.items():
-        assert (experiment / name / "result.json").read_text() == text  # not run again
-    client, parents, children = mlflow_runs(server.uri, "restart")
-    server.stop()
-    assert len(parents) == 1 and len(children) == 4  # the same runs continued: no duplicates
-    assert parents[0].info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
 
 
 def test_population_based_training_exploits_and_mutates_in_process_trials(tmp_path):
