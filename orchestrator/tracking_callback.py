@@ -130,7 +130,7 @@ class MlflowCallback(Callback):
         epochs = resolve(self.spec, trial_values(self.spec, trial.config)).optim.epochs
         done = int((trial.last_result or {}).get("epoch", 0))
         location = self._final_checkpoint(trial)
-        if location is not None and done >= epochs:
+        if location is not None and done >= epochs and self.log_model != "none":
             self.tracker.log_model(trial.trial_id, location)
         status = "completed" if done >= epochs else "stopped_early"
         tags = {"status": status}

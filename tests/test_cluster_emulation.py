@@ -85,12 +85,7 @@ def assert_tracked_in_full(cluster: EmulatedCluster, sweep: str, trials: int) ->
 
 def test_the_checks_run_where_the_data_and_the_storage_live(emulated):
     # The data is on the workers only: a path the driver cannot see passes, checked on a worker.
-    ok = sweep_file(emulated, "checked", base={**BASE, "optim": {"epochs": 1}},
-                    space={"has.mixture": {"grid": ["none"]}}, resources={"cpus": 1})
-    done = emulated.sweep("--space", str(ok))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "checks: data voc at $HAS_NODE_DATA/voc on worker node" in done.stdout
-    assert f"checks: storage {emulated.storage()} written by a worker node and read back here" in done.stdout
+    # (That a folder the driver cannot see passes, checked on a worker, the shipped sweeps show.)
     # A folder missing on the worker nodes is refused before any trial, naming the node's path.
     missing = sweep_file(emulated, "missing", base={**BASE, "data": {**BASE["data"], "root": "$HAS_NODE_DATA/nope"}})
     done = emulated.sweep("--space", str(missing))
@@ -241,8 +236,13 @@ def test_every_shipped_sweep_file_runs_end_to_end_on_the_cluster(emulated, path)
     assert small["search"].get("algorithm") == shipped.get("search", {}).get("algorithm")
     target = emulated.folder / f"shipped_{path.name}"
     target.write_text(yaml.safe_dump(small))
-    done = emulated.sweep("--space", str(target))
+    # Models are logged by the tests above; here the checkpoints in S3 keep them (ResNet50 and VGG16
+    # state_dicts through the tracking server would only cost the test minutes).
+    done = emulated.sweep("--space", str(target), "--log-model", "none")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
+    assert f"checks: storage {emulated.storage('shipped')} written by a worker node and read back here" in done.stdout
+    if small["base"]["data"].get("name", "synthetic") != "synthetic":  # only on the workers: the driver has none
+        assert f"checks: data {small['base']['data']['name']} at $HAS_NODE_DATA/voc on worker node" in done.stdout
     name = small.get("name", path.stem)
     assert f"sweep {name}: " in done.stdout and emulated.s3.keys(f"shipped/{name}/has_sweep.json")
     client = emulated.mlflow.client()
