@@ -1,8 +1,8 @@
 """Tracking at sweep scale: a SweepTracker driven as the Tune callback drives it, against a real `mlflow server`.
 
-    python benchmarks/bench_tracking.py                                   # 100 trials x 10 epochs, as fast as possible
-    python benchmarks/bench_tracking.py --trials 1000 --epochs 10         # the issue's scale
-    python benchmarks/bench_tracking.py --trials 200 --rate 20            # a fixed offered rate: the queue stays bounded
+    python benchmarks/bench_tracking.py                               # 100 trials x 10 epochs, as fast as possible
+    python benchmarks/bench_tracking.py --trials 1000 --epochs 10     # the issue's scale (~15 min, ~25 GB of disk)
+    python benchmarks/bench_tracking.py --trials 300 --rate 10        # offered at the target rate: the queue stays flat
 
 The "sweep" is synthetic, the rest is real: a local `mlflow server` (sqlite store, proxied artifacts,
 as cluster/start_mlflow.sh runs it), real epoch checkpoint folders of a short engine run (PNGs,
@@ -12,9 +12,11 @@ log_metrics and log_evaluation (the checkpoint's artifacts); each trial starts w
 ends with log_model (its state_dict) and end_trial.
 
 Printed: offered and sustained (written) results/s, the driver's cost per result (what Tune's event
-loop pays), the queue's peak length, the process's RSS and the staging folder's size (the copies that
-wait to be written), the time to flush at the end, bytes fetched per trial-epoch against the
-checkpoint's size, and a check that every run, metric and artifact folder reached the server.
+loop pays) and the longest garbage collection, the queue's peak length in memory and through the
+journal, the process's RSS and the staging folder's size (the copies that wait to be written), the
+time to flush at the end, bytes fetched per trial-epoch against the checkpoint's size, the CPU the
+server and this process spent per result, and a check that every run, metric and artifact folder
+reached the server. Figures and what they mean: docs/benchmarks.md, "Tracking at sweep scale".
 """
 from __future__ import annotations
 
@@ -71,6 +73,27 @@ class WorkersServer(MlflowServer):
         raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
 
 
+def group_cpu_seconds(group: int) -> float:
+    """CPU seconds (user + system) of the live processes of a process group: the server and its workers."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == group:  # pgrp
+                total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def make_checkpoints(folder: Path, epochs: int) -> list[Path]:
     """One folder per epoch, from a real 2-epoch engine run: val artifacts every epoch, test ones at the last."""
     from trainers.checkpoint import list_checkpoints
@@ -78,9 +101,9 @@ def make_checkpoints(folder: Path, epochs: int) -> list[Path]:
     from trainers.engine import Trainer
 
     run = folder / "run"
-    config = RunConfig.from_dict({}, [f"output_dir={run}", "data.synthetic.train_size=128", "data.synthetic.val_size=32",
-                                      "data.synthetic.test_size=32", "optim.epochs=2", "eval.test_interval=0.01",
-                                      "progress=false"])
+    config = RunConfig.from_dict({}, [f"output_dir={run}", "data.synthetic.train_size=128",
+                                      "data.synthetic.val_size=32", "data.synthetic.test_size=32", "optim.epochs=2",
+                                      "eval.test_interval=0.01", "progress=false"])
     Trainer(config).fit()
     middle, last = list_checkpoints(run / "checkpoints")
     folders = []
@@ -96,7 +119,15 @@ def make_checkpoints(folder: Path, epochs: int) -> list[Path]:
 
 
 def folder_size(path: Path, skip: str | None = None) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name != skip)
+    total = 0
+    for root, _, names in os.walk(path):  # (the writer removes folders meanwhile)
+        for name in names:
+            if name != skip:
+                try:
+                    total += os.stat(os.path.join(root, name)).st_size
+                except FileNotFoundError:
+                    pass
+    return total
 
 
 class Sampler:
@@ -146,6 +177,22 @@ def sweep_order(trials: int, epochs: int, concurrent: int):
                     following += 1
 
 
+class GcPauses:
+    """The longest garbage collection of the run (it stops every thread, the driver's calls included)."""
+
+    def __init__(self) -> None:
+        import gc
+
+        self.longest, self.generation, self._start = 0.0, -1, 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif time.perf_counter() - self._start > self.longest:
+            self.longest, self.generation = time.perf_counter() - self._start, info["generation"]
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
@@ -186,10 +233,14 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--concurrent", type=int, default=64, help="trials running at once (results interleave)")
-    parser.add_argument("--rate", type=float, default=0.0, help="results/s offered by the sweep; 0: as fast as possible")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="results/s offered by the sweep; 0: as fast as possible")
     parser.add_argument("--artifacts-every", type=int, default=1, help="log_evaluation every N epochs (and the last)")
     parser.add_argument("--server-workers", type=int, default=2, help="mlflow server worker processes")
-    parser.add_argument("--folder", type=Path, default=None, help="server store and checkpoints (default: a temp folder, removed)")
+    parser.add_argument("--writers", type=int, default=None, help="writer threads (default: the tracker's)")
+    parser.add_argument("--max-queued", type=int, default=None, help="writes held in memory (default: the tracker's)")
+    parser.add_argument("--folder", type=Path, default=None,
+                        help="server store and checkpoints (default: a temp folder, removed at the end)")
     args = parser.parse_args()
 
     import pyarrow.fs as pafs
@@ -200,12 +251,18 @@ def main() -> None:
 
     folder = args.folder or Path(tempfile.mkdtemp(prefix="bench-tracking-"))
     folder.mkdir(parents=True, exist_ok=True)
-    checkpoints = make_checkpoints(folder, args.epochs)
-    server = WorkersServer(folder / "server", args.server_workers).start()
+    server = WorkersServer(folder / "server", args.server_workers)
     filesystem = pafs.LocalFileSystem()
     try:
+        checkpoints = make_checkpoints(folder, args.epochs)
+        server.start()
+        import orchestrator.tracking as tracking
         from orchestrator.tracking import SweepTracker
 
+        if args.writers is not None:
+            tracking.WRITER_THREADS = args.writers
+        if args.max_queued is not None:
+            tracking.MAX_QUEUED_WRITES = args.max_queued
         sweep = f"bench-{args.trials}x{args.epochs}-{int(time.time())}"
         tracker = SweepTracker(server.uri, sweep, folder / "spill")
         params = flatten(RunConfig.from_dict({}).to_dict())
@@ -215,10 +272,12 @@ def main() -> None:
         (report / "table.txt").write_text("a report\n")
         rss_before = Sampler.rss()
         sampler = Sampler(tracker)
+        pauses = GcPauses()
         result_costs: list[float] = []
         other_costs: list[float] = []
         evaluations = 0
 
+        server_cpu, own_cpu = group_cpu_seconds(server.process.pid), own_cpu_seconds()
         start = time.perf_counter()
         tracker.start_sweep({"metric": "val/maxboxacc_v2"}, {"sweep.yaml": "name: bench\n"})
         for index, (trial, epoch) in enumerate(sweep_order(args.trials, args.epochs, args.concurrent)):
@@ -246,6 +305,7 @@ def main() -> None:
         offered_end = time.perf_counter()
         summary = tracker.end_sweep("FINISHED", flush_timeout=7200)
         end = time.perf_counter()
+        server_cpu, own_cpu = group_cpu_seconds(server.process.pid) - server_cpu, own_cpu_seconds() - own_cpu
         sampler.close()
         assert summary is None, summary
 
@@ -258,7 +318,8 @@ def main() -> None:
         writer = tracker.writer
         print(f"sweep {args.trials} trials x {args.epochs} epochs, {args.concurrent} at once, artifacts every "
               f"{args.artifacts_every} epoch(s) ({evaluations} evaluations), offered rate "
-              f"{'as fast as possible' if args.rate <= 0 else f'{args.rate:g}/s'}, server workers {args.server_workers}")
+              f"{'as fast as possible' if args.rate <= 0 else f'{args.rate:g}/s'}, "
+              f"server workers {args.server_workers}")
         print(f"writer: {getattr(writer, 'describe', lambda: type(writer).__name__)()}")
         print(f"offered     {results / submit:10.1f} results/s  ({results} results in {submit:.1f} s)")
         print(f"sustained   {results / total:10.1f} results/s  (all written {total:.1f} s after the first)")
@@ -266,15 +327,19 @@ def main() -> None:
         print(f"driver      {1000 * statistics.median(result_costs):10.2f} ms per result (median), "
               f"p99 {1000 * percentile(result_costs, 0.99):.2f} ms, max {1000 * max(result_costs):.1f} ms; "
               f"start/end of a trial median {1000 * statistics.median(other_costs):.2f} ms, "
-              f"max {1000 * max(other_costs):.1f} ms; total {sum(result_costs) + sum(other_costs):.1f} s")
-        print(f"queue       peak {max(sampler.peak_pending, getattr(writer, 'peak', 0))} operations"
-              + (f", {writer.spilled} spilled to disk and replayed" if getattr(writer, "spilled", 0) else ""))
+              f"max {1000 * max(other_costs):.1f} ms; total {sum(result_costs) + sum(other_costs):.1f} s; longest "
+              f"garbage collection {1000 * pauses.longest:.0f} ms (generation {pauses.generation})")
+        print(f"queue       peak {getattr(writer, 'peak', sampler.peak_pending)} operations in memory, backlog peak "
+              f"{sampler.peak_pending} (memory + journal); {getattr(writer, 'spilled', 0)} went through the journal")
         print(f"memory      RSS {rss_before / 2**20:.0f} MiB before, peak {sampler.peak_rss / 2**20:.0f} MiB "
               f"(ru_maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB); staging on disk "
               f"peak {sampler.peak_staging / 2**20:.0f} MiB")
         print(f"fetched     {per_epoch / 1e3:10.1f} kB per trial-epoch with artifacts, of a {whole / 1e3:.1f} kB "
               f"checkpoint ({small / 1e3:.1f} kB without state.pt); the model {state / 1e3:.1f} kB once per trial; "
               f"{tracker.fetched.bytes / 1e9:.2f} GB in all")
+        print(f"cpu         server {1000 * server_cpu / results:.0f} ms per result ({server_cpu:.0f} s), this process "
+              f"{1000 * own_cpu / results:.0f} ms per result ({own_cpu:.0f} s); load average "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end")
         print(f"outages {writer.outages}, rejected {len(writer.rejected)}")
         print(check_server(server.uri, sweep, args.trials, args.epochs, args.artifacts_every))
     finally:

@@ -14,7 +14,7 @@ from orchestrator.search import resolve, trial_values
 from orchestrator.storage import open_filesystem
 from orchestrator.spaces import SweepSpec
 from orchestrator.table import TrialResult, build_table, describe, format_table
-from orchestrator.tracking import URI_ENV, SweepTracker, git_commit, versions
+from orchestrator.tracking import ROLE_TAG, SWEEP_TAG, TRIAL_TAG, URI_ENV, SweepTracker, git_commit, versions
 from trainers.config_parse import flatten
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,14 @@ class MlflowCallback(Callback):
         self.storage_root = storage_root  # where Ray Train's checkpoint paths (no scheme) live
         self.tracker: SweepTracker | None = None
         self.summary: str | None = None
+        self.ended: set[str] = set()  # trials whose run this driver ended
+        self.gap_checked: set[str] = set()  # trials whose run this driver checked for missing epochs
 
     def __getstate__(self) -> dict:  # pickled with the experiment; the live tracker is rebuilt in setup
-        return {k: v for k, v in self.__dict__.items() if k not in ("tracker", "summary")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("tracker", "summary", "_filesystem", "ended", "gap_checked")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, tracker=None, summary=None)
+        self.__dict__.update(state, tracker=None, summary=None, ended=set(), gap_checked=set())
 
     def setup(self, **info) -> None:
         uri = os.environ.get(URI_ENV)
@@ -100,8 +102,13 @@ class MlflowCallback(Callback):
         # The engine's epoch is the step: Tune's training_iteration starts again at 1 when a
         # multi-worker trial is restarted, while Ray Train resumes at its checkpoint's epoch.
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        self.tracker.log_metrics(trial.trial_id, logged_metrics(result), step)
         location = self._train_checkpoint(result)
+        if trial.trial_id not in self.gap_checked:  # the first result this driver sees of the trial
+            self.gap_checked.add(trial.trial_id)
+            folder = self._checkpoint_folder(trial, location)
+            if step > 1 and folder is not None:
+                self.tracker.fill_gap(trial.trial_id, step, folder)
+        self.tracker.log_metrics(trial.trial_id, logged_metrics(result), step)
         if location is not None:  # multi-worker trials: Ray Train's checkpoint, in the sweep's storage
             self.tracker.log_evaluation(trial.trial_id, location)
 
@@ -115,8 +122,17 @@ class MlflowCallback(Callback):
         path = result.get("checkpoint_path")
         if not isinstance(path, str):
             return None
-        filesystem, _ = open_filesystem(self.storage_root or path)
-        return CheckpointLocation(filesystem, path)
+        if getattr(self, "_filesystem", None) is None:  # made once: an S3 filesystem costs ~0.5 s to make
+            self._filesystem, _ = open_filesystem(self.storage_root or path)
+        return CheckpointLocation(self._filesystem, path)
+
+    def _checkpoint_folder(self, trial, location: CheckpointLocation | None) -> CheckpointLocation | None:
+        """The folder that holds the trial's checkpoints (Ray Train's run, or Tune's trial folder)."""
+        if location is None and getattr(trial, "checkpoint", None) is not None:
+            location = CheckpointLocation.of(trial.checkpoint)
+        if location is None:
+            return None
+        return CheckpointLocation(location.filesystem, location.path.rstrip("/").rsplit("/", 1)[0])
 
     def _final_checkpoint(self, trial) -> CheckpointLocation | None:
         """The trial's last checkpoint: Tune's (in-process trials) or Ray Train's (multi-worker trials)."""
@@ -126,7 +142,11 @@ class MlflowCallback(Callback):
 
     @never_fails
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._complete(trial)
+
+    def _complete(self, trial) -> None:
         self._start(trial)
+        self.ended.add(trial.trial_id)
         epochs = resolve(self.spec, trial_values(self.spec, trial.config)).optim.epochs
         done = int((trial.last_result or {}).get("epoch", 0))
         location = self._final_checkpoint(trial)
@@ -140,7 +160,11 @@ class MlflowCallback(Callback):
 
     @never_fails
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._fail(trial)
+
+    def _fail(self, trial) -> None:
         self._start(trial)
+        self.ended.add(trial.trial_id)
         error = getattr(trial, "error_msg", None) or "the trial failed"
         self.tracker.end_trial(trial.trial_id, "FAILED", {"status": "failed", "error": str(error)[-4000:]})
 
@@ -161,6 +185,16 @@ class MlflowCallback(Callback):
     def on_experiment_end(self, trials, **info) -> None:
         from orchestrator.report import best_and_baseline, mosaic, write_report
 
+        # A driver killed after Tune recorded a trial as done but before its run was ended: the
+        # resumed sweep does not run that trial again, so its run, still RUNNING, is ended here.
+        left = {t.trial_id: t for t in trials if t.trial_id not in self.ended and t.status in ("TERMINATED", "ERROR")}
+        if left:
+            query = f"tags.`{SWEEP_TAG}` = '{self.spec.name}' and tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'RUNNING'"
+            running = self.tracker.client.search_runs([self.tracker._experiment()], query, max_results=5000)
+            for run in running:
+                trial = left.get(run.data.tags.get(TRIAL_TAG))
+                if trial is not None:
+                    (self._complete if trial.status == "TERMINATED" else self._fail)(trial)
         results = []
         epochs = {}
         for trial in trials:

@@ -137,16 +137,16 @@ def test_ddp_trials_survive_a_node_kill_and_a_tracking_server_restart(emulated):
 
 
 def test_a_killed_driver_resumes_from_s3_keeping_finished_trials_and_the_epochs_of_ddp_ones(emulated):
-    # Two DDP trials side by side, one of 2 epochs and one of 4: the driver dies when the short one
+    # Two DDP trials side by side, one of 2 epochs and one of 12: the driver dies when the short one
     # has finished and the long one has checkpoints; --resume finds everything in S3.
-    path = sweep_file(emulated, "resumed", space={"has.mixture": {"grid": ["8"]}, "optim.epochs": {"grid": [2, EPOCHS]}})
+    path = sweep_file(emulated, "resumed", space={"has.mixture": {"grid": ["8"]}, "optim.epochs": {"grid": [2, 12]}})
     driver = emulated.start_sweep("--space", str(path))
 
     def finished_and_checkpointed():
         states = sorted(k for k in emulated.s3.keys("sweeps/resumed/experiment_state-"))
         state = emulated.s3.client().get_object(Bucket=BUCKET, Key=states[-1])["Body"].read().decode() if states else ""
-        long_run = [c for c in train_checkpoints(emulated, "resumed").values() if len(c) >= 2]
-        return state.count("TERMINATED") >= 1 and len(long_run) == 2 and state
+        runs = train_checkpoints(emulated, "resumed").values()
+        return state.count("TERMINATED") >= 1 and len(runs) == 2 and all(len(c) >= 2 for c in runs) and state
 
     try:
         wait_for(finished_and_checkpointed, 300, "one finished trial and two checkpoints of the other in S3")
@@ -176,7 +176,8 @@ SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
 # What a CPU test cannot keep, and why: no GPU here (gpus -> a CPU share per worker); no download
 # here (ImageNet weights -> random init: the backbones' shapes and schedules are what is tested);
 # the folder datasets (CUB, ILSVRC) -> voc-animals photos on each worker node, at 64 px.
-SMALL_DATA = {"root": "$HAS_NODE_DATA/voc", "resize_size": 56, "crop_size": 48, "batch_size": 4, "workers": 0}
+# (64 px: the paper's largest patch, 56 px, must fit in the input)
+SMALL_DATA = {"root": "$HAS_NODE_DATA/voc", "resize_size": 72, "crop_size": 64, "batch_size": 4, "workers": 0}
 
 
 def first(values: list) -> list:
