@@ -27,12 +27,10 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,34 +41,6 @@ from mlflow_server import MlflowServer  # noqa: E402  (tests/, the same server t
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # 1,000 "View run" lines otherwise
-
-
-class WorkersServer(MlflowServer):
-    """tests/mlflow_server.py's server (sqlite store, proxied artifacts) with `workers` worker processes
-    (mlflow's default is 4, the tests use 1); started the same way."""
-
-    def __init__(self, root: Path, workers: int) -> None:
-        super().__init__(root)
-        self.workers = workers
-
-    def start(self, timeout: float = 180) -> WorkersServer:
-        self.root.mkdir(parents=True, exist_ok=True)
-        mlflow = str(Path(sys.executable).with_name("mlflow"))
-        self.process = subprocess.Popen(
-            [mlflow, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers),
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts")],
-            stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
 
 
 def group_cpu_seconds(group: int) -> float:
@@ -251,7 +221,7 @@ def main() -> None:
 
     folder = args.folder or Path(tempfile.mkdtemp(prefix="bench-tracking-"))
     folder.mkdir(parents=True, exist_ok=True)
-    server = WorkersServer(folder / "server", args.server_workers)
+    server = MlflowServer(folder / "server", workers=args.server_workers)
     filesystem = pafs.LocalFileSystem()
     try:
         checkpoints = make_checkpoints(folder, args.epochs)

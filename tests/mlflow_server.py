@@ -20,8 +20,8 @@ def free_port() -> int:
 class MlflowServer:
     """mlflow server with a sqlite store and proxied artifacts under `root`; stop() and start() again."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
-        self.root, self.port = Path(root), port or free_port()
+    def __init__(self, root: Path, port: int | None = None, workers: int = 1) -> None:
+        self.root, self.port, self.workers = Path(root), port or free_port(), workers
         self.process: subprocess.Popen | None = None
 
     @property
@@ -32,7 +32,7 @@ class MlflowServer:
         self.root.mkdir(parents=True, exist_ok=True)
         mlflow = str(Path(sys.executable).with_name("mlflow"))
         self.process = subprocess.Popen(
-            [mlflow, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            [mlflow, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers),
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts")],
             stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
