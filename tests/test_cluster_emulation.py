@@ -73,9 +73,10 @@ def assert_tracked_in_full(cluster: EmulatedCluster, sweep: str, trials: int) ->
         run_id = child.info.run_id
         epochs = int(child.data.params["optim.epochs"])
         assert child.info.status == "FINISHED" and child.data.tags["status"] == "completed", child.data.tags
-        assert [m.step for m in client.get_metric_history(run_id, "epoch")] == list(range(1, epochs + 1))
-        assert [int(m.value) for m in client.get_metric_history(run_id, "epoch")] == list(range(1, epochs + 1))
-        assert [m.step for m in client.get_metric_history(run_id, "val/maxboxacc_v2")] == list(range(2, epochs + 1, 2))
+        # Each epoch once, at its own step (an epoch written back after a driver kill may come later).
+        history = sorted((m.step, int(m.value)) for m in client.get_metric_history(run_id, "epoch"))
+        assert history == [(e, e) for e in range(1, epochs + 1)]
+        assert sorted(m.step for m in client.get_metric_history(run_id, "val/maxboxacc_v2")) == list(range(2, epochs + 1, 2))
         assert [m.step for m in client.get_metric_history(run_id, "test/maxboxacc_v2")] == [epochs]
         prefix = f"mlflow-artifacts/{experiment.experiment_id}/{run_id}/artifacts/"
         stored = set(cluster.s3.keys(prefix))
