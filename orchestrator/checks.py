@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 from orchestrator.spaces import SweepInputError, SweepSpec
-from orchestrator.storage import join, open_filesystem
+from orchestrator.storage import join, open_filesystem, read_text, write_text
 
 WAIT_NOTICE_SECONDS = 30.0  # how often a waiting check says that it waits
 
@@ -74,13 +74,10 @@ def check_data(spec: SweepSpec, data: dict[str, Any]) -> str:
 
 
 def write_probe(root: str, name: str, token: str) -> str:
-    """On a worker node: write a probe file into the storage root; returns where, or raises with why."""
+    """On a worker node: write a probe file into the storage root; returns the node, or raises with why."""
     import socket
 
-    filesystem, base = open_filesystem(root)
-    filesystem.create_dir(base, recursive=True)
-    with filesystem.open_output_stream(join(base, name)) as stream:
-        stream.write(token.encode())
+    write_text(root, name, token)
     return socket.gethostname()
 
 
@@ -99,10 +96,9 @@ def check_storage(spec: SweepSpec, root: str, several_nodes: bool) -> None:
     except Exception as error:  # noqa: BLE001 - the worker's own error, shown to the user
         raise SweepInputError(f"{spec.source}: storage.path: a worker node cannot write to {root}: "
                               f"{_first_line(error)} (credentials, instance profile or bucket?)") from None
-    filesystem, base = open_filesystem(root)
     try:
-        with filesystem.open_input_stream(join(base, name)) as stream:
-            seen = stream.read().decode()
+        seen = read_text(root, name)
+        filesystem, base = open_filesystem(root)
         filesystem.delete_file(join(base, name))
     except (OSError, FileNotFoundError) as error:
         raise SweepInputError(f"{spec.source}: storage.path: worker node {node} wrote to {root}, but this driver "
