@@ -89,7 +89,8 @@ def _sample_random(spec: SweepSpec, rng: random.Random) -> dict[str, Any]:
                 values[f"{WEIGHT_PREFIX}{size}"] = round(rng.random(), 4)
         else:
             value = domain.sample(rng)
-            values[key] = round(value, 6) if isinstance(value, float) else value
+            # Six significant digits, not decimals: a loguniform lr near 1e-5 keeps its value.
+            values[key] = float(f"{value:.6g}") if isinstance(value, float) else value
     return values
 
 

@@ -51,13 +51,13 @@ class MlflowCallback(Callback):
         self.tracker: SweepTracker | None = None
         self.summary: str | None = None
         self.ended: set[str] = set()  # trials whose run this driver ended
-        self.gap_checked: set[str] = set()  # trials whose run this driver checked for missing epochs
+        self.last_steps: dict[str, int] = {}  # trial -> the last epoch this driver saw of it
 
     def __getstate__(self) -> dict:  # pickled with the experiment; the live tracker is rebuilt in setup
-        return {k: v for k, v in self.__dict__.items() if k not in ("tracker", "summary", "_filesystem", "ended", "gap_checked")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("tracker", "summary", "_filesystem", "ended", "last_steps")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, tracker=None, summary=None, ended=set(), gap_checked=set())
+        self.__dict__.update(state, tracker=None, summary=None, ended=set(), last_steps={})
 
     def setup(self, **info) -> None:
         uri = os.environ.get(URI_ENV)
@@ -103,11 +103,14 @@ class MlflowCallback(Callback):
         # multi-worker trial is restarted, while Ray Train resumes at its checkpoint's epoch.
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         location = self._train_checkpoint(result)
-        if trial.trial_id not in self.gap_checked:  # the first result this driver sees of the trial
-            self.gap_checked.add(trial.trial_id)
+        # Epochs missing before this one: the first result this driver sees of a trial (a resumed
+        # driver), or a jump (Tune drops a checkpointed result when the trial's failure overtakes it).
+        last = self.last_steps.get(trial.trial_id)
+        if step > (last or 0) + 1:
             folder = self._checkpoint_folder(trial, location)
-            if step > 1 and folder is not None:
+            if folder is not None:
                 self.tracker.fill_gap(trial.trial_id, step, folder)
+        self.last_steps[trial.trial_id] = max(step, last or 0)
         self.tracker.log_metrics(trial.trial_id, logged_metrics(result), step)
         if location is not None:  # multi-worker trials: Ray Train's checkpoint, in the sweep's storage
             self.tracker.log_evaluation(trial.trial_id, location)
@@ -158,6 +161,19 @@ class MlflowCallback(Callback):
             tags["stopped_at_epoch"] = str(done)
         self.tracker.end_trial(trial.trial_id, "FINISHED", tags)
 
+    def _recover(self, trial) -> None:
+        """What a killed driver may have lost of a trial that finished before the kill: its epochs
+        missing from the run, and its last checkpoint's artifacts (written again: same paths)."""
+        self._start(trial)
+        location = self._final_checkpoint(trial)
+        if location is None:
+            return
+        done = int((trial.last_result or {}).get("epoch", 0))
+        folder = self._checkpoint_folder(trial, location)
+        if folder is not None and done:
+            self.tracker.fill_gap(trial.trial_id, done + 1, folder)
+        self.tracker.log_evaluation(trial.trial_id, location)
+
     @never_fails
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._fail(trial)
@@ -194,6 +210,7 @@ class MlflowCallback(Callback):
             for run in running:
                 trial = left.get(run.data.tags.get(TRIAL_TAG))
                 if trial is not None:
+                    self._recover(trial)
                     (self._complete if trial.status == "TERMINATED" else self._fail)(trial)
         results = []
         epochs = {}

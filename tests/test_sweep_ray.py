@@ -133,10 +133,16 @@ def test_a_failing_trial_resumes_from_its_checkpoint_and_finishes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fault drill after epoch 2" in done.stdout + done.stderr
     (trial,) = trial_dirs(tmp_path / "rr" / "drill")
-    assert [r["epoch"] for r in results(trial)] == [1.0, 2.0, 3.0, 4.0]  # epochs 3-4 after the restore
+    # The retry restores epoch 2's checkpoint and trains epochs 3-4 only (not from epoch 1 again).
+    # Tune's own result.json may lack epoch 2: when the failure reaches the driver before epoch 2's
+    # result is logged, Ray drops that row (its checkpoint is kept and restored).
+    epochs = [r["epoch"] for r in results(trial)]
+    assert epochs in ([1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 4.0]), epochs
+    # MLflow has every epoch once, at its step (a missing one is written back from the checkpoint).
     client, _, children = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "drill")
     assert len(children) == 1 and children[0].info.status == "FINISHED"  # the retry kept its run
-    assert [m.step for m in client.get_metric_history(children[0].info.run_id, "epoch")] == [1, 2, 3, 4]
+    history = sorted((m.step, int(m.value)) for m in client.get_metric_history(children[0].info.run_id, "epoch"))
+    assert history == [(1, 1), (2, 2), (3, 3), (4, 4)]
 
 
 def test_asha_stops_the_bad_trials_early(tmp_path):
