@@ -120,7 +120,8 @@ def main() -> None:
                 voc_overlays.setdefault(name, overlay)
                 print(f"voc {name} seed {seed}: MaxBoxAccV2 {metrics['test/maxboxacc_v2']:.2f} ({seconds:.0f} s)",
                       flush=True)
-        data = build_data(RunConfig.from_dict({}, base[:6]).data)
+        voc_config = RunConfig.from_dict({}, base[:6])
+        data = build_data(voc_config.data, backbone=voc_config.model.backbone)
         boxes = [b for batch in data.test.batches(torch.arange(len(data.test)), 64, train=False, epoch=0, seed=0)
                  for b in batch.boxes]
         center = max_box_acc(center_gaussian_cams(len(boxes), 96), boxes, interval=0.01)

@@ -358,7 +358,7 @@ class SweepTracker:
                                     "copy": str(copy)}).perform()
             if found:
                 log.warning("tracking: epochs %s of trial %s were missing from its run (a driver stopped before "
-                            "writing them); written from its checkpoints", [e for e, _, _ in sorted(found)], trial_id)
+                            "writing them, or Tune dropped a result); written from its checkpoints", [e for e, _, _ in sorted(found)], trial_id)
         return Operation(f"missing epochs before {step} of trial {trial_id}", perform, record, key=f"trial {trial_id}")
 
     def _op_artifacts(self, record: dict) -> Operation:
@@ -409,7 +409,8 @@ class SweepTracker:
 
                 weights = torch.load(target / "state_dict.pt", map_location="cpu", weights_only=True)
                 run_config = RunConfig.from_dict(json.loads((target / "config.json").read_text()))
-                model = build_backbone(run_config.model.backbone, _num_classes(weights))
+                model = build_backbone(run_config.model.backbone, _num_classes(weights),
+                                       large_feature_map=run_config.model.large_feature_map)
                 model.load_state_dict(weights)
                 with self._model_lock, _active_run(self.uri, handle.run_id):
                     mlflow.pytorch.log_model(model, name="model")

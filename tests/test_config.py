@@ -89,3 +89,66 @@ def test_off_and_on_are_words_not_booleans(tmp_path):
     assert RunConfig.from_dict({}, ["amp=off", "compile=true"]).amp == "off"
     with pytest.raises(ConfigError, match="channels_last: 'yes' is not allowed"):
         RunConfig.from_dict({}, ["channels_last=yes"])
+
+
+MULTISTEP = {"schedule": "multistep", "epochs": 55}
+
+
+@pytest.mark.parametrize("optim, message", [
+    ({"milestones": [18]}, "optim.milestones: [18] is only for schedule 'multistep' (schedule is 'cosine'); "
+                           "allowed here: []"),
+    ({"schedule": "step", "weight_decay_factors": [1, 0]},
+     "optim.weight_decay_factors: [1.0, 0.0] is only for schedule 'multistep' (schedule is 'step'); allowed here: []"),
+    (MULTISTEP, "optim.milestones: [] is not allowed with schedule 'multistep'; a list of epochs where the next "
+                "stage starts, e.g. [30, 60]"),
+    ({**MULTISTEP, "milestones": [29, 18]}, "optim.milestones: [29, 18] is not allowed; increasing epochs in 1..54 "
+                                            "(0-based epoch where the next stage starts; epochs is 55)"),
+    ({**MULTISTEP, "milestones": [18, 55]}, "optim.milestones: [18, 55] is not allowed; increasing epochs in 1..54"),
+    ({**MULTISTEP, "milestones": [0, 18]}, "optim.milestones: [0, 18] is not allowed; increasing epochs in 1..54"),
+    ({**MULTISTEP, "milestones": [18, 29], "lr_factors": [1, 0.5]},
+     "optim.lr_factors: [1.0, 0.5] is not allowed; one factor per stage: 3 for 2 milestones (or [] for the default)"),
+    ({**MULTISTEP, "milestones": [18], "lr_factors": [1, 0]},
+     "optim.lr_factors: [1.0, 0.0] is not allowed; factors > 0"),
+    ({**MULTISTEP, "milestones": [18], "weight_decay_factors": [1, -1]},
+     "optim.weight_decay_factors: [1.0, -1.0] is not allowed; factors >= 0"),
+    ({**MULTISTEP, "milestones": 18}, "optim.milestones: 18 is not allowed; allowed: a list of an int"),
+])
+def test_multistep_stages_are_checked_where_they_are_declared(optim, message):
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_dict({"optim": optim})
+    assert str(error.value).startswith(message)
+
+
+def test_the_has_authors_schedule_is_a_valid_multistep_config():
+    # kkanshul/Hide-and-Seek train.lua: five stages over 55 epochs; weight decay 0 from the 30th epoch on.
+    optim = RunConfig.from_dict({"optim": {**MULTISTEP, "lr": 0.01, "milestones": [18, 29, 43, 52],
+                                           "lr_factors": [1, 0.5, 0.1, 0.05, 0.01],
+                                           "weight_decay_factors": [1, 1, 0, 0, 0]}}).optim
+    assert optim.milestones == (18, 29, 43, 52) and optim.lr_factors == (1.0, 0.5, 0.1, 0.05, 0.01)
+    assert RunConfig.from_dict(RunConfig(optim=optim).to_dict()).optim == optim
+
+
+def test_train_resize_mode_is_square_or_shorter_side():
+    assert RunConfig().data.resize == "square"
+    assert RunConfig.from_dict({}, ["data.resize=shorter_side"]).data.resize == "shorter_side"
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_dict({"data": {"resize": "longer_side"}})
+    assert str(error.value) == "data.resize: 'longer_side' is not allowed; allowed: one of 'square', 'shorter_side'"
+
+
+def test_large_feature_map_defaults_off_and_is_for_wsolevaluations_backbones_only():
+    assert RunConfig().model.large_feature_map is False  # wsolevaluation's default (config.py 204-205)
+    for backbone in ("vgg16_gap", "resnet50_cam", "inception_v3_cam"):
+        assert RunConfig.from_dict({"model": {"backbone": backbone, "large_feature_map": True}}).model.large_feature_map
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_dict({"model": {"backbone": "alexnet_gap", "large_feature_map": True}})
+    assert str(error.value) == ("model.large_feature_map: true is not allowed with backbone 'alexnet_gap'; "
+                                "allowed with: vgg16_gap, resnet50_cam, inception_v3_cam (or false)")
+
+
+def test_the_fast_group_multiplier_replaces_new_layer_lr_mult():
+    assert RunConfig.from_dict({"model": {"fast_lr_mult": 10}}).model.fast_lr_mult == 10
+    with pytest.raises(ConfigError, match="model.new_layer_lr_mult: unknown key; did you mean model.fast_lr_mult?"):
+        RunConfig.from_dict({"model": {"new_layer_lr_mult": 10}})
+    with pytest.raises(ConfigError, match="model.fast_lr_mult: 0.0 must be > 0"):
+        RunConfig.from_dict({"model": {"fast_lr_mult": 0}})

@@ -12,7 +12,9 @@ import torch.multiprocessing as mp
 
 from trainers.checkpoint import list_checkpoints
 from trainers.config import RunConfig
+from trainers.cam import class_activation_maps
 from trainers.engine import Hook, OutputDirInUse, Trainer
+from trainers.evaluator import LocalizationEvaluator
 
 TIMING = ("train/epoch_seconds", "train/images_per_second")
 
@@ -50,6 +52,30 @@ def test_resume_gives_bit_identical_weights_and_metrics(tmp_path):
     for name, tensor in straight.net.state_dict().items():
         assert torch.equal(tensor, resumed.net.state_dict()[name]), name
     assert without_timing(resumed_final) == without_timing(final)
+
+
+class RecordOptimizer(Hook):
+    def __init__(self):
+        self.seen = {}  # epoch -> {(lr, weight decay) of the first group}
+
+    def after_step(self, trainer, info):
+        if info.step < info.steps - 1:  # after the epoch's last step the scheduler already set the next rate
+            group = trainer.optimizer.param_groups[0]
+            self.seen.setdefault(info.epoch, set()).add((round(group["lr"], 12), group["weight_decay"]))
+
+
+def test_each_epoch_trains_with_its_stages_rate_and_weight_decay_also_after_a_resume(tmp_path):
+    staged = ("optim.schedule=multistep", "optim.warmup_fraction=0", "optim.lr=0.2", "optim.weight_decay=1e-4",
+              "optim.milestones=[1, 2]", "optim.lr_factors=[1, 0.5, 0.25]", "optim.weight_decay_factors=[1, 0, 2]")
+    straight = RecordOptimizer()
+    Trainer(tiny(tmp_path / "a", *staged), hooks=[straight]).fit()
+    assert straight.seen == {0: {(0.2, 1e-4)}, 1: {(0.1, 0.0)}, 2: {(0.05, 2e-4)}}
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(tiny(tmp_path / "b", *staged), hooks=[CrashAfter(2)]).fit()
+    resumed = RecordOptimizer()
+    last = tmp_path / "b" / "checkpoints" / "epoch_0002"
+    Trainer(tiny(tmp_path / "b", *staged), hooks=[resumed]).fit(resume_from=last)
+    assert resumed.seen == {2: {(0.05, 2e-4)}}
 
 
 def test_resuming_another_config_is_refused_and_changes_nothing(tmp_path):
@@ -155,7 +181,7 @@ def test_cli_runs_one_experiment_and_refuses_bad_keys(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip() == ("error: optim.lrr: unknown key; did you mean optim.lr? allowed keys here: name, lr, "
                                   "momentum, weight_decay, nesterov, epochs, schedule, warmup_fraction, step_epochs, "
-                                  "gamma, label_smoothing")
+                                  "gamma, milestones, lr_factors, weight_decay_factors, label_smoothing")
     args = [f"output_dir={tmp_path}", "data.synthetic.train_size=128", "data.synthetic.val_size=32",
             "data.synthetic.test_size=32", "optim.epochs=1", "eval.test_interval=0.01"]
     run = subprocess.run([sys.executable, "-m", "trainers", *args], capture_output=True, text=True, env=env)
@@ -172,3 +198,28 @@ def test_amp_auto_on_cpu_is_bf16_only_with_bf16_instructions(tmp_path, monkeypat
     assert Trainer(tiny(tmp_path / "auto", "device=cpu")).amp_dtype == expected
     assert Trainer(tiny(tmp_path / "off", "device=cpu", "amp=off")).amp_dtype is None
     assert Trainer(tiny(tmp_path / "bf16", "device=cpu", "amp=bf16")).amp_dtype == torch.bfloat16
+
+
+def test_evaluation_cams_are_float32_even_when_training_autocasts_to_bf16(tmp_path, monkeypatch):
+    trainer = Trainer(tiny(tmp_path, "device=cpu", "amp=bf16"))
+    with torch.no_grad(), trainer._autocast():  # what the training step runs under: bf16 features
+        images = next(trainer.data.val.batches(torch.arange(4), 4, train=False, epoch=0, seed=0)).images
+        assert trainer.net.forward_features(trainer.normalize(images)).dtype == torch.bfloat16
+    received = []
+    update = LocalizationEvaluator.update
+
+    def record(self, cams, logits, *args, **kwargs):
+        received.append((cams.clone(), logits.clone()))
+        return update(self, cams, logits, *args, **kwargs)
+
+    monkeypatch.setattr(LocalizationEvaluator, "update", record)
+    trainer.evaluate("val", 0.01)
+    source, side = trainer.data.val, trainer.data.input_size
+    batches = source.batches(torch.arange(len(source)), trainer.rank_batch_size, train=False, epoch=0, seed=0)
+    pairs = list(zip(received, batches, strict=True))
+    assert pairs
+    for (cams, logits), batch in pairs:
+        with torch.no_grad():  # a plain float32 forward
+            features = trainer.net.forward_features(trainer.normalize(batch.images))
+            expected = class_activation_maps(features, trainer.net.classifier.weight, batch.labels, (side, side))
+            assert torch.equal(cams, expected) and torch.equal(logits, trainer.net.forward_head(features))

@@ -12,7 +12,7 @@ from trainers.datasets.check import check_dataset
 from trainers.datasets.voc import convert_voc, split_counts, validate_splits
 
 REPO = Path(__file__).resolve().parents[1]
-VOC_ANIMALS = Path("/work/shared/data/voc-animals")
+VOC_ANIMALS = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc-animals"  # the team's photographs
 
 
 def jpeg(path: Path, size=(20, 16), seed=0) -> Path:

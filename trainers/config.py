@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from trainers.backbones import BACKBONES
+from trainers.backbones import BACKBONES, LARGE_FEATURE_MAP_BACKBONES
 from trainers.config_parse import ConfigError, build, flatten, load_yaml, parse_override, set_dotted, to_dict
 from trainers.datasets.synthetic import SyntheticSpec
 from trainers.fills import FILL_STRATEGIES
@@ -33,7 +33,8 @@ class DataConfig:
     #   are expanded on the node that reads it (the data lives on each worker node, not on the driver)
     metadata: str | None = None  # its metadata root with train/val/test; default: <root>/metadata
     resize_size: int = 256  # train: resize to a square of this side (wsolevaluation) ...
-    crop_size: int = 224  # ... then random-crop this; eval: resize straight to this
+    resize: Literal["square", "shorter_side"] = "square"  # ... or its shorter side to it, aspect kept (HaS Torch)
+    crop_size: int = 224  # ... then random-crop this; eval: resize straight to this (wsolevaluation), any mode
     batch_size: int = 128
     workers: int = 2  # DataLoader processes for folder datasets
     strict: bool = True  # bad metadata lines refuse training; False skips those images and says how many
@@ -62,13 +63,21 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "tiny_cnn"
-    weights: str | None = None  # None (random init), "imagenet" (torch hub cache) or a state_dict file
-    new_layer_lr_mult: float = 1.0  # wsolevaluation fine-tunes new layers at 10x the trunk's learning rate
+    weights: str | None = None  # None (random init), "imagenet" (torch hub cache, downloaded if missing) or a file
+    # Learning-rate multiplier of the backbone's fast group: wsolevaluation's lr_classifier_ratio (10 there)
+    # on its 10x group (ResNet50: layer4 + classifier); backbones without one ignore it (docs/backbones.md).
+    fast_lr_mult: float = 1.0
+    # wsolevaluation's --large_feature_map (off there by default): 28x28 maps at 224 instead of 14x14,
+    # for the backbones in LARGE_FEATURE_MAP_BACKBONES only.
+    large_feature_map: bool = False
 
     def __post_init__(self) -> None:
         _require(self.backbone in BACKBONES,
                  f"backbone: {self.backbone!r} is not allowed; allowed: {', '.join(BACKBONES.names())}")
-        _require(self.new_layer_lr_mult > 0, f"new_layer_lr_mult: {self.new_layer_lr_mult} must be > 0")
+        _require(self.fast_lr_mult > 0, f"fast_lr_mult: {self.fast_lr_mult} must be > 0")
+        _require(not self.large_feature_map or self.backbone in LARGE_FEATURE_MAP_BACKBONES,
+                 f"large_feature_map: true is not allowed with backbone {self.backbone!r}; allowed with: "
+                 f"{', '.join(LARGE_FEATURE_MAP_BACKBONES)} (or false)")
 
 
 @dataclass(frozen=True)
@@ -102,10 +111,14 @@ class OptimConfig:
     weight_decay: float = 5e-4
     nesterov: bool = True
     epochs: int = 12
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    schedule: Literal["cosine", "step", "multistep", "constant"] = "cosine"
     warmup_fraction: float = 0.15  # linear warm-up from lr/10 over this share of the steps
     step_epochs: int = 0  # schedule 'step': multiply by gamma every this many epochs (0: epochs // 3)
     gamma: float = 0.1
+    # schedule 'multistep': stage k starts at epoch milestones[k-1] (0-based: milestone 14 = the 15th epoch)
+    milestones: tuple[int, ...] = ()
+    lr_factors: tuple[float, ...] = ()  # lr multiplier of each stage (one more than milestones; default gamma ** k)
+    weight_decay_factors: tuple[float, ...] = ()  # weight_decay multiplier of each stage (default 1 throughout)
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
@@ -116,6 +129,34 @@ class OptimConfig:
         _require(self.weight_decay >= 0, f"weight_decay: {self.weight_decay} must be >= 0")
         _require(0 <= self.momentum < 1, f"momentum: {self.momentum} must be in [0, 1)")
         _require(0 <= self.label_smoothing < 1, f"label_smoothing: {self.label_smoothing} must be in [0, 1)")
+        self._check_stages()
+
+    def _check_stages(self) -> None:
+        staged = {"milestones": self.milestones, "lr_factors": self.lr_factors,
+                  "weight_decay_factors": self.weight_decay_factors}
+        if self.schedule != "multistep":
+            for name, value in staged.items():
+                _require(not value, f"{name}: {list(value)} is only for schedule 'multistep' (schedule is "
+                                    f"{self.schedule!r}); allowed here: []")
+            return
+        _require(len(self.milestones) > 0, "milestones: [] is not allowed with schedule 'multistep'; "
+                                           "a list of epochs where the next stage starts, e.g. [30, 60]")
+        previous = 0
+        for epoch in self.milestones:
+            _require(previous < epoch < self.epochs,
+                     f"milestones: {list(self.milestones)} is not allowed; increasing epochs in 1..{self.epochs - 1} "
+                     f"(0-based epoch where the next stage starts; epochs is {self.epochs})")
+            previous = epoch
+        stages = len(self.milestones) + 1
+        for name in ("lr_factors", "weight_decay_factors"):
+            value = getattr(self, name)
+            _require(not value or len(value) == stages,
+                     f"{name}: {list(value)} is not allowed; one factor per stage: {stages} for "
+                     f"{len(self.milestones)} milestones (or [] for the default)")
+        _require(all(f > 0 for f in self.lr_factors),
+                 f"lr_factors: {list(self.lr_factors)} is not allowed; factors > 0")
+        _require(all(f >= 0 for f in self.weight_decay_factors),
+                 f"weight_decay_factors: {list(self.weight_decay_factors)} is not allowed; factors >= 0")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from trainers.datasets.run_data import RunData, build_data
 from trainers.distributed import Place, barrier, broadcast_object, gather_objects
 from trainers.evaluator import LocalizationEvaluator
 from trainers.hide import HideAndSeek
-from trainers.optim import build_optimizer, build_scheduler
+from trainers.optim import build_optimizer, build_scheduler, set_weight_decay
 
 # Reported every epoch; val/... (evaluator.metric_names) every eval.every epochs and at the last one,
 # test/... after the last one.
@@ -98,14 +98,15 @@ class Trainer:
         self.device = resolve_device(config.device, self.place)
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.data = data or build_data(config.data, config.seed)
+        self.data = data or build_data(config.data, config.seed, backbone=config.model.backbone)
         self.hooks = list(hooks)
         self.output_dir = Path(config.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         with torch.random.fork_rng(devices=[]):  # the same initial weights for a seed, on every rank
             torch.manual_seed(config.seed)
-            self.net = build_backbone(config.model.backbone, self.data.num_classes, config.model.weights)
+            self.net = build_backbone(config.model.backbone, self.data.num_classes, config.model.weights,
+                                      config.model.large_feature_map)
         if self.place.distributed and config.sync_batchnorm and self.device.type == "cuda":
             self.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.net)  # torch syncs BN on GPUs only
         self.net.to(self.device, memory_format=self.memory_format)
@@ -115,7 +116,7 @@ class Trainer:
             self.model = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
         if config.compile:
             self.model = torch.compile(self.model)
-        self.optimizer = build_optimizer(self.net, config.optim, config.model.new_layer_lr_mult)
+        self.optimizer = build_optimizer(self.net, config.optim, config.model.fast_lr_mult)
         self.steps_per_epoch = max(1, -(-len(self._train_indices(0)) // self.rank_batch_size))
         self.scheduler = build_scheduler(self.optimizer, config.optim, self.steps_per_epoch)
         self.amp_dtype = self._amp_dtype()
@@ -217,6 +218,7 @@ class Trainer:
         """One pass over this rank's shard of the train split; returns train/ metrics."""
         self.model.train()
         self.hider.train()
+        set_weight_decay(self.optimizer, self.config.optim, epoch)  # a 'multistep' stage may change it
         indices = self._train_indices(epoch)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
@@ -303,13 +305,9 @@ class Trainer:
         self.net.eval()
         shown = _Shown(eval_config.overlay_count if self.place.is_main else 0)
         indices = torch.arange(len(source))[self.place.rank::self.place.world_size]
-        size = (self.data.input_size, self.data.input_size)
         for batch in source.batches(indices, self.rank_batch_size, train=False, epoch=0, seed=self.config.seed):
             labels = batch.labels.to(self.device)
-            with self._autocast():
-                features = self.net.forward_features(self.normalize(batch.images))
-            logits = self.net.forward_head(features.float())
-            cams = class_activation_maps(features, self.net.classifier.weight, labels, size)
+            cams, logits = self.eval_step(batch.images, labels)
             ids = [source.image_ids[i] for i in batch.indices.tolist()]
             masks = None if batch.masks is None else batch.masks.to(self.device)
             evaluator.update(cams, logits, labels, batch.boxes if source.has_boxes else None,
@@ -326,6 +324,17 @@ class Trainer:
             if artifacts is not None:
                 artifacts.update(written)
         return metrics
+
+    @torch.no_grad()
+    def eval_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CAMs (B, H, W) of `labels` and logits (B, K) of a uint8 batch, computed in float32.
+
+        Never under autocast: bf16 features would quantise the maps whose thresholds the metrics sweep.
+        """
+        features = self.net.forward_features(self.normalize(images))  # (B, C, h, w)
+        cams = class_activation_maps(features, self.net.classifier.weight, labels,
+                                     (self.data.input_size, self.data.input_size))
+        return cams, self.net.forward_head(features)
 
     def _write_artifacts(self, split: str, evaluator: LocalizationEvaluator, shown: _Shown, folder: Path) -> dict:
         rows = evaluator.per_image()

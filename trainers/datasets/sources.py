@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from trainers.datasets.transforms import apply_geometry, eval_geometry, map_mask, sample_seed, train_geometry
+from trainers.datasets.transforms import (ResizeMode, apply_geometry, eval_geometry, map_mask, sample_seed,
+                                          train_geometry)
 
 
 @dataclass
@@ -91,10 +92,12 @@ def decode_rgb(path: Path) -> Tensor:
 class FolderDataset(Dataset):
     """Images of a wsolevaluation split (records from trainers.datasets.metadata) with their geometry."""
 
-    def __init__(self, root: str | Path, records: Sequence, *, train: bool, resize: int, crop: int, seed: int) -> None:
+    def __init__(self, root: str | Path, records: Sequence, *, train: bool, resize: int, crop: int, seed: int,
+                 resize_mode: ResizeMode = "square") -> None:
         self.root = Path(root)
         self.records = list(records)
         self.train, self.resize, self.crop, self.seed = train, resize, crop, seed
+        self.resize_mode = resize_mode  # of training images; evaluation always resizes to crop x crop
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -106,7 +109,7 @@ class FolderDataset(Dataset):
         height, width = image.shape[1:]
         if self.train:
             generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
-            geometry = train_geometry(width, height, self.resize, self.crop, generator)
+            geometry = train_geometry(width, height, self.resize, self.crop, generator, self.resize_mode)
         else:
             geometry = eval_geometry(width, height, self.crop)
         sample = {"image": apply_geometry(image, geometry), "label": record.label, "index": index}

@@ -1,11 +1,14 @@
 """Image transforms of wsolevaluation, with the boxes and masks mapped through the same geometry.
 
-Train: resize to a square of `resize` (aspect not kept, as wsolevaluation does), random crop of
-`crop`, random horizontal flip. Eval: resize straight to `crop`. Boxes are inclusive pixel boxes.
+Train: resize to a square of `resize` (aspect not kept, as wsolevaluation does) or, with mode
+'shorter_side', the shorter side to `resize` keeping the aspect ratio (the HaS authors' Torch loader);
+then a random crop of `crop`, a random horizontal flip. Eval: resize straight to `crop` (wsolevaluation)
+whatever the train mode. Boxes are inclusive pixel boxes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -18,7 +21,8 @@ class Geometry:
 
     width: int  # the original image's
     height: int
-    resize: int  # resized to resize x resize first
+    resize_width: int  # resized to resize_width x resize_height first
+    resize_height: int
     offset_x: int
     offset_y: int
     flip: bool
@@ -28,8 +32,8 @@ class Geometry:
         """(k, 4) original-pixel boxes in the output frame, truncated as wsolevaluation's resize_bbox."""
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         # x * new_w / w in this order, truncated: exactly wsolevaluation's resize_bbox.
-        x0, x1 = ((boxes[:, [0, 2]] * self.resize / self.width).astype(np.int64) - self.offset_x).T
-        y0, y1 = ((boxes[:, [1, 3]] * self.resize / self.height).astype(np.int64) - self.offset_y).T
+        x0, x1 = ((boxes[:, [0, 2]] * self.resize_width / self.width).astype(np.int64) - self.offset_x).T
+        y0, y1 = ((boxes[:, [1, 3]] * self.resize_height / self.height).astype(np.int64) - self.offset_y).T
         if self.flip:
             x0, x1 = self.size - 1 - x1, self.size - 1 - x0
         mapped = np.stack([x0, y0, x1, y1], axis=1)
@@ -38,22 +42,38 @@ class Geometry:
 
 def eval_geometry(width: int, height: int, size: int) -> Geometry:
     """Resize straight to size x size: box coordinates scale as int(x * size / width)."""
-    return Geometry(width, height, size, 0, 0, False, size)
+    return Geometry(width, height, size, size, 0, 0, False, size)
 
 
-def train_geometry(width: int, height: int, resize: int, crop: int, generator: torch.Generator) -> Geometry:
-    """Resize to resize x resize, a random crop x crop window, a coin-flip horizontal flip."""
-    offsets = torch.randint(0, resize - crop + 1, (2,), generator=generator)
+ResizeMode = Literal["square", "shorter_side"]
+
+
+def resized_size(width: int, height: int, resize: int, mode: ResizeMode = "square") -> tuple[int, int]:
+    """(width, height) after the train resize: resize x resize, or the shorter side to `resize` and the
+    longer one scaled with it, truncated (torchvision's Resize(int), Torch7's image.scale)."""
+    if mode == "square":
+        return resize, resize
+    if width <= height:
+        return resize, int(resize * height / width)
+    return int(resize * width / height), resize
+
+
+def train_geometry(width: int, height: int, resize: int, crop: int, generator: torch.Generator,
+                   mode: ResizeMode = "square") -> Geometry:
+    """Resize (`resized_size`), a random crop x crop window, a coin-flip horizontal flip."""
+    resize_width, resize_height = resized_size(width, height, resize, mode)
+    offset_x = int(torch.randint(0, resize_width - crop + 1, (1,), generator=generator))
+    offset_y = int(torch.randint(0, resize_height - crop + 1, (1,), generator=generator))
     flip = bool(torch.rand((), generator=generator) < 0.5)
-    return Geometry(width, height, resize, int(offsets[0]), int(offsets[1]), flip, crop)
+    return Geometry(width, height, resize_width, resize_height, offset_x, offset_y, flip, crop)
 
 
 def apply_geometry(image: Tensor, geometry: Geometry) -> Tensor:
     """A (3, H, W) uint8 image resized, cropped and flipped as `geometry` says."""
     from torchvision.transforms.v2.functional import resize  # torchvision takes ~2 s to import: only here
 
-    out = resize(image, [geometry.resize, geometry.resize], antialias=True)
-    if geometry.resize != geometry.size:
+    out = resize(image, [geometry.resize_height, geometry.resize_width], antialias=True)
+    if (geometry.resize_width, geometry.resize_height) != (geometry.size, geometry.size):
         top, left, size = geometry.offset_y, geometry.offset_x, geometry.size
         out = out[:, top:top + size, left:left + size]
     return out.flip(-1) if geometry.flip else out
