@@ -126,6 +126,7 @@ class Trainer:
         self.mean = torch.tensor(self.data.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(self.data.std, device=self.device).view(1, 3, 1, 1) * 255
         self.epoch = 0  # epochs finished
+        self.prediction_names = self.data.class_names  # captions of the head's classes (eval-only may differ)
 
     # ---- the pieces ------------------------------------------------------------------------
 
@@ -349,8 +350,8 @@ class Trainer:
             picked = [order[i] for i in shown.ids]
             predicted = (np.stack([rows[f"best_{k}"][picked] for k in ("x0", "y0", "x1", "y1")], axis=1)
                          if "best_x0" in rows else None)
-            names = self.data.class_names
-            captions = [f"{names[int(t)]} -> {names[int(p)]}" for t, p in zip(shown.labels, shown.predictions)]
+            names, predicted_names = self.data.class_names, self.prediction_names
+            captions = [f"{names[int(t)]} -> {predicted_names[int(p)]}" for t, p in zip(shown.labels, shown.predictions)]
             written[f"{split}_overlay"] = overlay_grid(shown.images(), shown.cam_array(), shown.boxes, predicted,
                                                        captions, folder / f"{split}_cam_overlay.png")
         return written
