@@ -5,6 +5,8 @@ import json
 import logging
 import math
 import os
+import socket
+import sys
 from pathlib import Path
 
 from orchestrator import storage
@@ -235,6 +237,24 @@ def trial_results(spec: SweepSpec, grid) -> list[TrialResult]:
     return results
 
 
+def running_local_cluster(address_file: str | Path = "/tmp/ray/ray_current_cluster") -> str | None:
+    """The Ray cluster this machine runs (the head of `ray up`, `ray start --head`), as Ray would find
+    it: its address file; None when there is none or nothing answers there any more (a killed Ray leaves
+    the file behind, and Ray would wait minutes on it), so the sweep starts its own local Ray."""
+    try:
+        address = Path(address_file).read_text().strip()
+    except OSError:
+        return None
+    try:
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=2):
+            return address
+    except (OSError, ValueError):
+        print(f"launch: {address_file} names a Ray cluster at {address!r} that does not answer: "
+              "starting a local Ray", file=sys.stderr)
+        return None
+
+
 def launch(spec: SweepSpec, overrides: list[str], data: str | None, *, resume: bool, address: str | None,
            tracking_uri: str | None, tracking: bool, log_model: str = "state_dict") -> int:
     import ray
@@ -245,7 +265,9 @@ def launch(spec: SweepSpec, overrides: list[str], data: str | None, *, resume: b
     # Multi-worker trials need the State API (Ray Train watches its controller through it), which
     # the dashboard serves; in-process sweeps do without it and save the memory.
     dashboard = spec.fields.resources.workers > 1
-    ray.init(address=address, include_dashboard=None if address else dashboard, logging_level=logging.WARNING,
+    address = address or os.environ.get("RAY_ADDRESS") or running_local_cluster()
+    ray.init(address=address or "local", include_dashboard=None if address else dashboard,
+             logging_level=logging.WARNING,
              configure_logging=True, log_to_driver=True)
     # Epochs without validation report no val/ metrics: Tune must accept them (ASHA and the
     # searchers act on the epochs that have the metric; check_metric made sure some do).

@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", metavar="NAME", nargs="?", const="", default=None,
                         help="restore an interrupted sweep (errored trials resumed, finished ones kept)")
     parser.add_argument("--dry-run", action="store_true", help="print the trials and their resources, run nothing")
-    parser.add_argument("--address", help="Ray cluster address (default: a local Ray on this machine, or $RAY_ADDRESS)")
+    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else the Ray this machine runs, e.g. on a head node, else a new local Ray)")
     parser.add_argument("--data", help="images root of a folder dataset (sets base data.root)")
     parser.add_argument("--storage-path", help="where Tune keeps results and checkpoints (local path or s3://...)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: ./mlflow.db; on a cluster its server)")
