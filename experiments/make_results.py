@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import re
 import shutil
 import statistics
 import sys
@@ -148,7 +149,10 @@ def main() -> None:
                f"One synthetic run (generation, 12 epochs, val every epoch, test at interval 0.001): "
                f"{min(seconds):.0f}-{max(seconds):.0f} s wall, median {statistics.median(seconds):.0f} s; training at "
                f"{statistics.median(rates):.0f} images/s (median of the last epoch over the {len(rates)} runs).\n")
-    (docs / "results.md").write_text("\n".join(out))
+    # Keep the section experiments/voc_pretrained_results.py writes (from its own sweep) as it is.
+    previous = (docs / "results.md").read_text() if (docs / "results.md").is_file() else ""
+    kept = re.search(r"<!-- voc_pretrained:begin -->.*?<!-- voc_pretrained:end -->\n?", previous, flags=re.S)
+    (docs / "results.md").write_text("\n".join(out) + ("\n" + kept.group(0) if kept else ""))
     print(f"wrote {docs / 'results.md'}")
     if not args.quick:
         shutil.rmtree(work, ignore_errors=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from cluster_emulation import BUCKET, EmulatedCluster
+from trainers.backbones import _PACKAGED_WEIGHTS
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,7 +178,8 @@ def test_a_killed_driver_resumes_from_s3_keeping_finished_trials_and_the_epochs_
 
 SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
 # What a CPU test cannot keep, and why: no GPU here (gpus -> a CPU share per worker); no download
-# here (ImageNet weights -> random init: the backbones' shapes and schedules are what is tested);
+# here (ImageNet weights -> random init: the backbones' shapes and schedules are what is tested;
+# weights a pip package installs, efficientnet_lite0_cam's, are kept and loaded on the workers);
 # the folder datasets (CUB, ILSVRC) -> voc-animals photos on each worker node, at 64 px.
 # (64 px: the paper's largest patch, 56 px, must fit in the input)
 SMALL_DATA = {"root": "$HAS_NODE_DATA/voc", "resize_size": 72, "crop_size": 64, "batch_size": 4, "workers": 0}
@@ -207,7 +209,8 @@ def shrink(sweep: dict, storage: str) -> dict:
         data["batch_size"] = 64
     else:
         data.update(SMALL_DATA)
-    if base.get("model", {}).get("weights") == "imagenet":
+    model = base.get("model", {})
+    if model.get("weights") == "imagenet" and model.get("backbone") not in _PACKAGED_WEIGHTS:
         base["model"]["weights"] = None
     base.setdefault("optim", {}).update({"epochs": 2})
     base["optim"].pop("step_epochs", None)
