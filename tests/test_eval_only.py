@@ -42,7 +42,9 @@ def evaluated(metrics: dict) -> dict:
 def test_the_cli_on_a_run_gives_its_final_evaluation_and_never_overwrites(trained, tmp_path):
     folder, final = trained
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    command = [sys.executable, "-m", "trainers", "--eval-only", f"model.weights={folder}", "progress=false"]
+    # overrides on both sides of an option, as users type them
+    command = [sys.executable, "-m", "trainers", "--eval-only", f"model.weights={folder}", "--splits", "val,test",
+               "progress=false"]
     run = subprocess.run(command, capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     out = folder / "eval" / "epoch_0002"  # the run's own config (no --config), its latest checkpoint

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
                              "classes are not the dataset's (box and mask metrics only)")
     parser.add_argument("--eval-dir", help="--eval-only: where to write (default: <output_dir>/eval/<weights>)")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="e.g. optim.lr=0.05 has.mixture=8")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before or after the options
 
     from trainers.config import ConfigError, load_config
 
