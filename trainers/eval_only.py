@@ -124,13 +124,13 @@ def load_whole(config: RunConfig, source: WeightsSource) -> CamBackbone:
     weights = "imagenet" if source.kind == "imagenet" else source.path
     classes = _head_classes(model.backbone, weights, model.large_feature_map)
     net = build_backbone(model.backbone, classes, weights, model.large_feature_map)
-    parameters = {name for name, _ in net.named_parameters()}
-    missing = [key for key in net.weights_report.left_at_init if key in parameters]
+    # every parameter and BatchNorm statistic from the file (the batch counters matter for nothing here)
+    missing = [key for key in net.weights_report.left_at_init if not key.endswith("num_batches_tracked")]
     if missing:
         raise EvalOnlyError(
             f"model.weights: {net.weights_report.path} gives backbone {model.backbone!r} no {', '.join(missing[:6])}"
-            f"{' ...' if len(missing) > 6 else ''} ({len(missing)} parameters): evaluating would use random "
-            "layers; fine-tune first (python -m trainers ...) and evaluate its checkpoint")
+            f"{' ...' if len(missing) > 6 else ''} ({len(missing)} tensors): evaluating would use freshly "
+            "initialised layers; fine-tune first (python -m trainers ...) and evaluate its checkpoint")
     return net
 
 
