@@ -53,6 +53,35 @@ def center_baseline(config: RunConfig) -> dict[float, float]:
                        interval=config.eval.test_interval)
 
 
+def caption(result) -> str:
+    c = result.config
+    method = "plain CAM" if c["has.mixture"] == "none" else f"HaS {c['has.mixture']}, {c['has.fill']}"
+    return f"{method}, lr {c['optim.lr']}, seed {c['seed']}"
+
+
+def paired_differences(table, imagenet_v2: float, center_v2: float) -> str:
+    """Each HaS row against plain CAM, seed by seed (same data order and initialisation), in MaxBoxAccV2."""
+    baseline = next((row for row in table.rows if row.is_baseline), None)
+    if baseline is None:
+        return ""
+    cam = {int(r.config["seed"]): r.metrics["test/maxboxacc_v2"] for r in baseline.members}
+    lines = ["HaS minus plain CAM, test MaxBoxAccV2, paired by seed (mean ± s.d. over seeds):\n",
+             "| mixture | fill | lr | difference |", "|---|---|---|---|"]
+    for row in table.rows:
+        if row.is_baseline:
+            continue
+        diffs = [r.metrics["test/maxboxacc_v2"] - cam[int(r.config["seed"])] for r in row.members
+                 if int(r.config["seed"]) in cam]
+        spread = f" ± {statistics.stdev(diffs):.2f}" if len(diffs) > 1 else ""
+        config = row.members[0].config
+        lines.append(f"| {config['has.mixture']} | {config['has.fill']} | {config['optim.lr']} | "
+                     f"{statistics.fmean(diffs):+.2f}{spread} |")
+    mean_cam = statistics.fmean(cam.values())
+    lines.append(f"\nPlain CAM after fine-tuning: {mean_cam:.2f}; the ImageNet network before fine-tuning: "
+                 f"{imagenet_v2:.2f}; the center baseline: {center_v2:.2f} (MaxBoxAccV2, test).\n")
+    return "\n".join(lines)
+
+
 def replace_section(path: Path, section: str) -> None:
     text = path.read_text()
     block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
@@ -100,8 +129,6 @@ def main() -> int:
     overlays = [_download_overlay(client, r.run_id, work / "overlays" / r.trial_id) for r in pair] if pair else []
     pictures = []
     if pair and all(overlays):
-        caption = lambda r: (f"{'plain CAM' if r.config['has.mixture'] == 'none' else 'HaS ' + r.config['has.mixture'] + ', ' + r.config['has.fill']}, "
-                             f"lr {r.config['optim.lr']}, seed {r.config['seed']}")  # noqa: E731
         pictures.append(mosaic(overlays[0], overlays[1], (caption(pair[0]), caption(pair[1])),
                                docs / "img" / "results_voc_pretrained_cams.png"))
         pictures.append(mosaic(overlays[1], before_dir / "artifacts" / "test_cam_overlay.png",
@@ -130,6 +157,7 @@ def main() -> int:
         "Every learning rate, on val (what the choice saw):\n",
         format_table(every, "md"),
     ]
+    section.append(paired_differences(chosen, before["test/maxboxacc_v2"], center_v2))
     for picture in pictures:
         name = picture.name
         section.append(f"![{name}](img/{name})\n")
