@@ -129,6 +129,9 @@ class SweepFields:
     resources: Resources = field(default_factory=Resources)
     max_concurrent_trials: int = 0  # 0: as many as the cluster fits
     max_failures: int = 2  # retries of a failed trial, each from its last checkpoint
+    # Trials reuse worker processes (Tune's reuse_actors): faster for short trials; false gives each trial a
+    # fresh process (nothing kept between trials: memory, threads, CUDA state).
+    reuse_workers: bool = True
     storage: StorageSpec = field(default_factory=StorageSpec)
 
 

@@ -223,3 +223,12 @@ def test_evaluation_cams_are_float32_even_when_training_autocasts_to_bf16(tmp_pa
             features = trainer.net.forward_features(trainer.normalize(batch.images))
             expected = class_activation_maps(features, trainer.net.classifier.weight, batch.labels, (side, side))
             assert torch.equal(cams, expected) and torch.equal(logits, trainer.net.forward_head(features))
+
+
+def test_resuming_a_finished_run_elsewhere_returns_its_final_metrics(tmp_path):
+    """What population-based training does with a trial whose donor finished: nothing left to train, the
+    metrics are the checkpoint's, also when this run's own output_dir is empty."""
+    metrics = Trainer(tiny(tmp_path / "a", "optim.epochs=1")).fit()
+    last = list_checkpoints(tmp_path / "a" / "checkpoints")[-1]
+    again = Trainer(tiny(tmp_path / "b", "optim.epochs=1")).fit(resume_from=last)
+    assert again == json.loads((last / "metrics.json").read_text()) == metrics

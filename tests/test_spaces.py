@@ -258,3 +258,13 @@ search: {search}
     columns = progress_reporter(spec)._parameter_columns
     assert {unflattened_lookup(column, params) is not None for column in columns} == {True}
     assert {column.split("/", 1)[1] for column in columns} >= {"has.mixture.w0", "has.mixture.w16", "has.fill"}
+
+
+def test_reuse_workers_is_read_and_checked():
+    from orchestrator.spaces import SpaceError, parse_space
+
+    text = "name: r\nspace: {has.fill: {grid: [zero]}}\n"
+    assert parse_space(text).fields.reuse_workers is True
+    assert parse_space(text + "reuse_workers: false\n").fields.reuse_workers is False
+    with pytest.raises(SpaceError, match="reuse_workers"):
+        parse_space(text + "reuse_workers: maybe\n")
