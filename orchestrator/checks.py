@@ -42,10 +42,12 @@ def run_like_a_trial(spec: SweepSpec, function, *args, what: str, timeout: float
         print(f"checks: waiting for a node of the trials' type to check {what} (the autoscaler may be starting one)")
 
 
-def node_data_report(data: dict[str, Any]) -> tuple[str, str | None, str]:
-    """On a worker node: (node name, the problem or None, a one-line summary) of the dataset there."""
+def node_data_report(data: dict[str, Any]) -> tuple[str, str | None, str, str | None]:
+    """On a worker node: (node name, the problem or None, a one-line summary, the digest of its
+    metadata) of the dataset there."""
     import socket
 
+    from orchestrator.dataset_input import metadata_digest
     from trainers.config import DataConfig
     from trainers.config_parse import build
     from trainers.datasets.check import DatasetError, check_dataset, require_clean
@@ -55,22 +57,24 @@ def node_data_report(data: dict[str, Any]) -> tuple[str, str | None, str]:
     root, metadata = config.folders()
     for path, key in ((root, "data.root"), (metadata, "data.metadata")):
         if not path.is_dir():
-            return node, f"{key}: {path} is not a folder on this node (the {config.name} dataset)", ""
+            return node, f"{key}: {path} is not a folder on this node (the {config.name} dataset)", "", None
     try:
         _, note = require_clean(check_dataset(root, metadata, decode=False, workers=1), strict=config.strict)
     except DatasetError as error:
-        return node, f"the {config.name} dataset at {root} has problems:\n{error}", ""
-    return node, None, note
+        return node, f"the {config.name} dataset at {root} has problems:\n{error}", "", None
+    return node, None, note, metadata_digest(metadata)
 
 
-def check_data(spec: SweepSpec, data: dict[str, Any]) -> str:
-    """Folder datasets: the metadata and files, checked once on a node of the trials' type."""
+def check_data(spec: SweepSpec, data: dict[str, Any]) -> tuple[str, dict[str, str] | None]:
+    """Folder datasets: the metadata and files, checked once on a node of the trials' type.
+    Returns a line saying what was checked, and {'root', 'digest'} of the metadata found there."""
     if data.get("name", "synthetic") == "synthetic":
-        return "synthetic (made in each trial)"
-    node, problem, note = run_like_a_trial(spec, node_data_report, data, what="the data")
+        return "synthetic (made in each trial)", None
+    node, problem, note, digest = run_like_a_trial(spec, node_data_report, data, what="the data")
     if problem is not None:
         raise SweepInputError(f"{spec.source}: checked on worker node {node}: {problem}")
-    return f"{data['name']} at {data.get('root')} on worker node {node}: {note}"
+    return (f"{data['name']} at {data.get('root')} on worker node {node}: {note} (metadata digest {digest})",
+            {"root": str(data.get("root")), "digest": digest})
 
 
 def write_probe(root: str, name: str, token: str) -> str:

@@ -7,6 +7,7 @@ import math
 import os
 import socket
 import sys
+import uuid
 from pathlib import Path
 
 from orchestrator import storage
@@ -14,6 +15,7 @@ from orchestrator.checks import check_data, check_storage
 from orchestrator.search import resolve, trial_values, tune_domains, tune_search
 from orchestrator.spaces import TRIAL_DRIVER_CPU, WEIGHT_PREFIX, SweepInputError, SweepSpec
 from orchestrator.storage import child_uri, is_uri
+from orchestrator.paired import paired_report
 from orchestrator.table import TrialResult, build_table, describe, format_table
 from trainers.config_parse import flatten
 
@@ -130,14 +132,26 @@ def check_metric(spec: SweepSpec) -> None:
                           f"{', '.join(allowed)}")
 
 
-def write_state(spec: SweepSpec, text: str, overrides: list[str], data: str | None, root: str) -> None:
+def write_state(spec: SweepSpec, text: str, overrides: list[str], data: str | None, root: str,
+                sweep_id: str) -> None:
+    """The sweep's state file, with the sweep's id: its identity in MLflow, kept here so that a resumed
+    sweep finds its runs again wherever its storage was moved, and a new sweep of the same name never
+    joins an old one's."""
     state = json.dumps({"space_text": text, "source": spec.source, "overrides": overrides, "data": data,
-                        "storage": root, "space_hash": spec.space_hash}, indent=1)
+                        "storage": root, "space_hash": spec.space_hash, "sweep_id": sweep_id}, indent=1)
     storage.write_text(root, f"{spec.name}/{STATE_FILE}", state)
 
 
+def read_sweep_id(root: str, name: str) -> str | None:
+    """The id in a sweep's state file (None for sweeps started before ids existed: found by name)."""
+    try:
+        return json.loads(storage.read_text(root, f"{name}/{STATE_FILE}")).get("sweep_id")
+    except (OSError, FileNotFoundError, ValueError):
+        return None
+
+
 def tracking_callbacks(spec: SweepSpec, uri: str | None, enabled: bool, several_nodes: bool, spill_dir: Path,
-                       log_model: str, storage_root: str) -> list:
+                       log_model: str, storage_root: str, sweep_id: str | None = None) -> list:
     """The MLflow callback, after checking the tracking URI can serve this cluster and answers now."""
     if not enabled:
         return []
@@ -166,7 +180,7 @@ def tracking_callbacks(spec: SweepSpec, uri: str | None, enabled: bool, several_
     os.environ[URI_ENV] = uri  # read by the callback, also after a restore (callbacks come back pickled)
     os.environ["HAS_SWEEP_SPILL_DIR"] = str(spill_dir)
     print(f"tracking: MLflow at {uri}, experiment {spec.name!r}")
-    return [MlflowCallback(spec, _space_text(spec), log_model, storage_root)]
+    return [MlflowCallback(spec, _space_text(spec), log_model, storage_root, sweep_id)]
 
 
 def make_trainable(spec: SweepSpec, root: str):
@@ -256,7 +270,7 @@ def running_local_cluster(address_file: str | Path = "/tmp/ray/ray_current_clust
 
 
 def launch(spec: SweepSpec, overrides: list[str], data: str | None, *, resume: bool, address: str | None,
-           tracking_uri: str | None, tracking: bool, log_model: str = "state_dict") -> int:
+           tracking_uri: str | None, tracking: bool, log_model: str = "mlflow") -> int:
     import ray
     from ray import tune
 
@@ -276,21 +290,26 @@ def launch(spec: SweepSpec, overrides: list[str], data: str | None, *, resume: b
         nodes = node_capacities()
         concurrent = check_resources(spec, nodes)
         several_nodes = len(nodes) > 1
+        if not resume and storage.exists(root, spec.name):
+            raise SweepInputError(f"sweep {spec.name!r} already exists in {root}: resume it with --resume "
+                                  f"{spec.name}, or start another with --name; nothing was overwritten")
+        sweep_id = read_sweep_id(root, spec.name) if resume else uuid.uuid4().hex
         callbacks = tracking_callbacks(spec, tracking_uri, tracking, several_nodes,
-                                       Path(experiment) if not is_uri(root) else Path.cwd() / "mlflow_unsent", log_model, root)
+                                       Path(experiment) if not is_uri(root) else Path.cwd() / "mlflow_unsent", log_model,
+                                       root, sweep_id)
         check_storage(spec, root, several_nodes)
         print(f"checks: storage {root} written by a worker node and read back here")
-        print(f"checks: data {check_data(spec, resolve(spec, {'seed': spec.fields.seeds[0]}).to_dict()['data'])}")
+        checked, checked_data = check_data(spec, resolve(spec, {"seed": spec.fields.seeds[0]}).to_dict()["data"])
+        print(f"checks: data {checked}")
+        for callback in callbacks:
+            callback.checked_data = checked_data
         trainable = make_trainable(spec, root)
         if resume:
             if not tune.Tuner.can_restore(experiment):
                 raise SweepInputError(f"--resume {spec.name}: {experiment} holds no Tune experiment to restore")
             tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
         else:
-            if storage.exists(root, spec.name):
-                raise SweepInputError(f"sweep {spec.name!r} already exists in {root}: resume it with --resume "
-                                      f"{spec.name}, or start another with --name; nothing was overwritten")
-            write_state(spec, _space_text(spec), overrides, data, root)
+            write_state(spec, _space_text(spec), overrides, data, root, sweep_id)
             param_space, searcher, samples = tune_search(spec)
             # reuse_workers: false gives each trial a fresh process. With reuse, the two trial processes of
             # the voc_pretrained sweep held 10.5 GB each after three efficientnet_lite0_cam trials (one needs
@@ -316,6 +335,7 @@ def launch(spec: SweepSpec, overrides: list[str], data: str | None, *, resume: b
         table = build_table(results, choose_by=spec.choose_by, mode=spec.fields.mode)
         print(f"\nsweep {spec.name}: {len(results)} trials, results in {experiment}")
         print(format_table(table, "text") + describe(table))
+        print("\n" + paired_report(table), end="")
         return 1 if any(r.status == "ERROR" for r in results) else 0
     finally:
         ray.shutdown()

@@ -17,19 +17,35 @@ import statistics
 import sys
 from pathlib import Path
 
+from orchestrator.paired import describe_paired, format_paired, paired_differences, paired_report, parse_baseline, plot_paired
 from orchestrator.table import COLUMNS, Table, TrialResult, build_table, describe, format_table
-from orchestrator.tracking import ROLE_TAG, SWEEP_TAG, TRIAL_TAG
+from orchestrator.tracking import ROLE_TAG, SWEEP_ID_TAG, SWEEP_TAG, TRIAL_TAG
 
 
-def results_from_mlflow(client, sweep: str) -> tuple[object, list[TrialResult]]:
-    """The parent run of `sweep` and one TrialResult per child run (params, latest metrics, status)."""
+def results_from_mlflow(client, sweep: str, sweep_id: str | None = None) -> tuple[object, list[TrialResult]]:
+    """The parent run of `sweep` and one TrialResult per child run (params, latest metrics, status).
+
+    Several sweeps of one name (started anew, each with its own id): the latest, unless `sweep_id`
+    names one; the others are listed on stderr."""
     experiment = client.get_experiment_by_name(sweep)
     if experiment is None:
         raise LookupError(f"no sweep named {sweep!r} in the tracking store {client.tracking_uri}")
     base = f"tags.`{SWEEP_TAG}` = '{sweep}'"
-    parents = client.search_runs([experiment.experiment_id], f"{base} and tags.`{ROLE_TAG}` = 'sweep'")
+    if sweep_id:
+        base += f" and tags.`{SWEEP_ID_TAG}` = '{sweep_id}'"
+    parents = client.search_runs([experiment.experiment_id], f"{base} and tags.`{ROLE_TAG}` = 'sweep'",
+                                 order_by=["attributes.start_time DESC"])
     if not parents:
-        raise LookupError(f"no parent run of sweep {sweep!r} in {client.tracking_uri}")
+        raise LookupError(f"no parent run of sweep {sweep!r}{f' with id {sweep_id}' if sweep_id else ''} in "
+                          f"{client.tracking_uri}")
+    parent = parents[0]
+    if len(parents) > 1:
+        others = ", ".join(f"{p.data.tags.get(SWEEP_ID_TAG, '(no id)')} (started {_date(p)})" for p in parents[1:])
+        print(f"note: {len(parents)} sweeps are named {sweep!r}; showing the latest, "
+              f"{parent.data.tags.get(SWEEP_ID_TAG, '(no id)')} (started {_date(parent)}); the others: {others} "
+              "(--sweep-id ID)", file=sys.stderr)
+    if parent.data.tags.get(SWEEP_ID_TAG):
+        base = f"tags.`{SWEEP_ID_TAG}` = '{parent.data.tags[SWEEP_ID_TAG]}'"
     runs, token = [], None
     while True:
         page = client.search_runs([experiment.experiment_id], f"{base} and tags.`{ROLE_TAG}` = 'trial'",
@@ -46,7 +62,13 @@ def results_from_mlflow(client, sweep: str) -> tuple[object, list[TrialResult]]:
         config = {k: _typed(v) for k, v in run.data.params.items()}
         results.append(TrialResult(config, dict(run.data.metrics), status, run.data.tags.get(TRIAL_TAG, ""),
                                    run.info.run_id))
-    return parents[0], results
+    return parent, results
+
+
+def _date(run) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
 
 
 def _typed(text: str):
@@ -140,8 +162,9 @@ def mosaic(best: Path, baseline: Path, captions: tuple[str, str], path: Path) ->
     return path
 
 
-def write_report(table: Table, folder: Path) -> dict[str, Path]:
-    """table.md / .csv / .html / .parquet and the metric plot in `folder`."""
+def write_report(table: Table, folder: Path, baseline: dict[str, str] | None = None) -> dict[str, Path]:
+    """table.md / .csv / .html / .parquet, the metric plot, and the paired differences against the
+    baseline (paired.md / .csv, paired_differences.png) in `folder`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -164,6 +187,12 @@ def write_report(table: Table, folder: Path) -> dict[str, Path]:
     plot = plot_metrics_vs_patch_size(table, folder / "metrics_vs_patch_size.png")
     if plot:
         written["plot"] = plot
+    paired = paired_differences(table, baseline)
+    if paired.comparisons:
+        (folder / "paired.md").write_text(format_paired(paired, table.columns, "md") + f"\n{describe_paired(paired)}\n")
+        (folder / "paired.csv").write_text(format_paired(paired, table.columns, "csv"))
+        written["paired_md"], written["paired_csv"] = folder / "paired.md", folder / "paired.csv"
+        written["paired_plot"] = plot_paired(paired, table.columns, folder / "paired_differences.png")
     return written
 
 
@@ -172,10 +201,18 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", help="the sweep's name")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: ./mlflow.db)")
+    parser.add_argument("--sweep-id", help="which sweep of that name (its parent run's sweep_id tag; default: the latest)")
     parser.add_argument("--format", choices=("text", "md", "csv", "html"), default="text")
     parser.add_argument("--split", choices=("val", "test"), help="default: test when the trials have it")
+    parser.add_argument("--baseline", metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="what the paired differences compare against, with the same backbone "
+                             "(default: has.mixture=none, no hiding)")
     parser.add_argument("--out", help="also write the table files, plots and the CAM mosaic into this folder")
     args = parser.parse_args(argv)
+    try:
+        baseline = parse_baseline(args.baseline)
+    except ValueError as error:
+        parser.error(str(error))
 
     from orchestrator.tracking import default_tracking_uri, quiet_mlflow_http
 
@@ -184,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     client = MlflowClient(args.tracking_uri or default_tracking_uri())
     try:
-        parent, results = results_from_mlflow(client, args.name)
+        parent, results = results_from_mlflow(client, args.name, args.sweep_id)
     except LookupError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -199,8 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(table, args.format), end="")
     if args.format == "text":
         print(describe(table))
+        print("\n" + paired_report(table, baseline), end="")
+    elif args.format == "md":
+        paired = paired_differences(table, baseline)
+        if paired.comparisons:
+            print("\n" + format_paired(paired, table.columns, "md") + f"\n{describe_paired(paired)}")
     if args.out:
-        written = write_report(table, Path(args.out))
+        written = write_report(table, Path(args.out), baseline)
         pair = best_and_baseline(table, metric)
         if pair:
             overlays = [_download_overlay(client, r.run_id, Path(args.out) / "overlays" / r.trial_id) for r in pair]

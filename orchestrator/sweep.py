@@ -34,9 +34,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--storage-path", help="where Tune keeps results and checkpoints (local path or s3://...)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: ./mlflow.db; on a cluster its server)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-    parser.add_argument("--log-model", choices=("state_dict", "pytorch", "none"), default="state_dict",
-                        help="the final model of each trial: its state_dict file, an MLflow PyTorch model, or none "
-                             "(the checkpoints in storage keep it)")
+    parser.add_argument("--log-model", choices=("mlflow", "state_dict", "none", "pytorch"), default="mlflow",
+                        help="the final model of each trial: an MLflow logged model (registrable, linked to the "
+                             "trial's test metrics) plus its state_dict file (default), the state_dict file only, "
+                             "or none (the checkpoints in storage keep it); pytorch: the same as mlflow")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="run config overrides, e.g. optim.epochs=2")
     return parser.parse_args(argv)
 

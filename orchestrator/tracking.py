@@ -24,16 +24,20 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from orchestrator.dataset_input import dataset_input
 from orchestrator.checkpoint_files import MODEL, CheckpointLocation, FetchCounter, fetch_epoch_files, fetch_file
 from orchestrator.tracking_queue import Operation, ResilientWriter
 
 log = logging.getLogger(__name__)
 
-ROLE_TAG, SWEEP_TAG, TRIAL_TAG = "has_sweep.role", "sweep", "trial_id"
+ROLE_TAG, SWEEP_TAG, SWEEP_ID_TAG, TRIAL_TAG = "has_sweep.role", "sweep", "sweep_id", "trial_id"
 URI_ENV = "HAS_SWEEP_TRACKING_URI"  # how the driver hands the URI to a restored callback
 # Written by cluster/start_mlflow.sh where it started the server (the head node, $MLFLOW_HOME).
 CLUSTER_URI_FILE = Path(os.environ.get("MLFLOW_HOME", "/home/ray/mlflow")) / "tracking_uri"
 LOCAL_SCHEMES = ("sqlite:", "file:", "/", ".")
+# MLflow 3's UI opens an experiment without this tag in its GenAI layout (traces, evaluations, judges).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: "custom_model_development"}
 
 
 def default_tracking_uri() -> str:
@@ -71,6 +75,22 @@ def git_commit() -> str | None:
         return None
 
 
+def source_tags() -> dict[str, str]:
+    """MLflow's standard source tags, as its fluent API sets them for a script: the UI shows them in
+    each run's header (who ran it, from what, at which commit)."""
+    import getpass
+
+    tags = {"mlflow.source.name": "orchestrator.sweep", "mlflow.source.type": "LOCAL"}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        pass
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
 def versions() -> dict[str, str]:
     import mlflow
     import ray
@@ -88,6 +108,8 @@ class RunHandle:
         self.last_step = 0  # metrics of epochs <= this are already in the run
         self.best: float | None = None
         self.config_digest: str | None = None  # the config.yaml in the run (the same every epoch: written once)
+        self.dataset: dict[str, str] | None = None  # name, source, digest of the trial's data
+        self.model_id: str | None = None  # its MLflow logged model, once written
 
 
 # The writer (orchestrator/tracking_queue.py): runs written at once to a tracking server (a local
@@ -105,12 +127,16 @@ class SweepTracker:
     same way when it reads them back."""
 
     def __init__(self, tracking_uri: str, sweep: str, spill_dir: Path, metric: str = "val/maxboxacc_v2",
-                 mode: str = "max", log_model: str = "state_dict") -> None:
+                 mode: str = "max", log_model: str = "mlflow", sweep_id: str | None = None) -> None:
         quiet_mlflow_http()
         from mlflow import MlflowClient
 
         self.uri, self.sweep, self.metric, self.mode = tracking_uri, sweep, metric, mode
-        self.model_format = log_model
+        self.model_format = "mlflow" if log_model == "pytorch" else log_model
+        # The sweep's runs are found by its id (kept in its state in storage), not its name: a new
+        # sweep of the same name gets its own parent run; a resumed one, moved or not, its old one.
+        self.identity = {SWEEP_TAG: sweep, **({SWEEP_ID_TAG: sweep_id} if sweep_id else {})}
+        self.source = source_tags()
         self.client = MlflowClient(tracking_uri)
         self.fetcher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="checkpoint-fetch")
         self.fetched = FetchCounter()  # bytes read from the trials' storage
@@ -119,7 +145,10 @@ class SweepTracker:
         self.trials: dict[str, RunHandle] = {}
         self.experiment_id: str | None = None
         self._experiment_lock = threading.Lock()
-        self._model_lock = threading.Lock()  # mlflow.pytorch.log_model uses the process's active run
+        self._dataset_lock = threading.Lock()
+        self._model_lock = threading.Lock()  # mlflow.pytorch.log_model uses the process's tracking URI
+        # The format is chosen on purpose (see _log_logged_model): not a warning per trial.
+        logging.getLogger("mlflow.pytorch").addFilter(_PickleNotice())
         self._fetches: dict[str, tuple[Future, Callable[[], Path]]] = {}  # copies still being fetched, or failed
         self._gap_filesystems: dict[str, object] = {}  # trial -> the filesystem of its checkpoints (fill_gap)
         self.writer = ResilientWriter(spill_dir, threads=1 if is_local_uri(tracking_uri) else WRITER_THREADS,
@@ -131,7 +160,13 @@ class SweepTracker:
         with self._experiment_lock:
             if self.experiment_id is None:
                 found = self.client.get_experiment_by_name(self.sweep)
-                self.experiment_id = found.experiment_id if found else self.client.create_experiment(self.sweep)
+                if found is None:
+                    self.experiment_id = self.client.create_experiment(self.sweep, tags=EXPERIMENT_TAGS)
+                else:
+                    self.experiment_id = found.experiment_id
+                    if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_TAGS[EXPERIMENT_KIND_TAG]:
+                        self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG,
+                                                       EXPERIMENT_TAGS[EXPERIMENT_KIND_TAG])
             return self.experiment_id
 
     def _find(self, tags: dict[str, str]) -> Any:
@@ -143,14 +178,27 @@ class SweepTracker:
         """Find or create the sweep's parent run, RUNNING; tags and files (name -> text) logged on it."""
         self.writer.submit(self._operation({"kind": "start_sweep", "tags": tags, "texts": files}))
 
-    def start_trial(self, trial_id: str, label: str, params: dict[str, Any]) -> RunHandle:
-        """Find or create the trial's child run (by its tags), with its flattened config as params."""
+    def start_trial(self, trial_id: str, label: str, params: dict[str, Any],
+                    dataset: dict[str, str] | None = None) -> RunHandle:
+        """Find or create the trial's child run (by its tags), with its flattened config as params and
+        its dataset (name, source, digest: see orchestrator/datasets_input.py) as an MLflow input."""
         if trial_id in self.trials:
             return self.trials[trial_id]
         handle = self.trials[trial_id] = RunHandle(label)
+        handle.dataset = dataset
         self.writer.submit(self._operation({"kind": "start_trial", "trial_id": trial_id, "label": label,
-                                            "params": {k: str(v)[:6000] for k, v in params.items()}}))
+                                            "params": {k: str(v)[:6000] for k, v in params.items()},
+                                            "dataset": dataset}))
         return handle
+
+    def log_mutation(self, trial_id: str, changes: dict[str, tuple[Any, Any]], step: int) -> None:
+        """A PBT mutation: the trial goes on from epoch `step` with new values (key -> (old, new)).
+        MLflow params cannot change, so the run keeps its starting values as params; each mutated
+        key gets a tag `mutated.<key>` with its history and, when numeric, a metric `mutated/<key>`
+        (the old value at the run's first epoch, the new one from `step`) that charts the schedule."""
+        self._started(trial_id)
+        self.writer.submit(self._operation({"kind": "mutation", "trial_id": trial_id, "step": step,
+                                            "changes": {k: [str(o), str(n)] for k, (o, n) in changes.items()}}))
 
     # ---- metrics and artifacts -----------------------------------------------------------
 
@@ -198,11 +246,12 @@ class SweepTracker:
                                             "copy": str(copy)}))
 
     def log_model(self, trial_id: str, location: CheckpointLocation) -> None:
-        """The final model: its state_dict (or an MLflow PyTorch model when log_model='pytorch'),
-        read from the trial's last checkpoint once."""
+        """The final model, read from the trial's last checkpoint once: its state_dict file and (with
+        log_model='mlflow', the default) an MLflow logged model linked to the final test metrics."""
         self._started(trial_id)
         target = self._staging_dir(trial_id, "model-")
         self._fetch(target / MODEL, fetch_file, location, MODEL, target / MODEL, self.fetched)
+        self._fetch(target / "metrics.json", fetch_file, location, "metrics.json", target / "metrics.json", self.fetched)
         self.writer.submit(self._operation({"kind": "model", "trial_id": trial_id, "checkpoint": location.path,
                                             "target": str(target)}))
 
@@ -257,10 +306,10 @@ class SweepTracker:
         tags, files = record["tags"], record["texts"]
 
         def perform() -> None:
-            run = self._find({ROLE_TAG: "sweep", SWEEP_TAG: self.sweep})
+            run = self._find({ROLE_TAG: "sweep", **self.identity})
             if run is None:
                 run = self.client.create_run(self._experiment(), run_name=self.sweep,
-                                             tags={ROLE_TAG: "sweep", SWEEP_TAG: self.sweep, **tags})
+                                             tags={ROLE_TAG: "sweep", **self.identity, **self.source, **tags})
             else:
                 self.client.update_run(run.info.run_id, status="RUNNING")
                 for key, value in tags.items():
@@ -273,15 +322,16 @@ class SweepTracker:
 
     def _op_start_trial(self, record: dict) -> Operation:
         trial_id, label, params = record["trial_id"], record["label"], record["params"]
+        dataset = record.get("dataset")
         handle = self.trials[trial_id]
 
         def perform() -> None:
             from mlflow.entities import Param
 
-            run = self._find({ROLE_TAG: "trial", SWEEP_TAG: self.sweep, TRIAL_TAG: trial_id})
+            run = self._find({ROLE_TAG: "trial", **self.identity, TRIAL_TAG: trial_id})
             if run is None:
                 run = self.client.create_run(self._experiment(), run_name=label, tags={
-                    ROLE_TAG: "trial", SWEEP_TAG: self.sweep, TRIAL_TAG: trial_id,
+                    ROLE_TAG: "trial", **self.identity, TRIAL_TAG: trial_id, **self.source,
                     "mlflow.parentRunId": self.parent.run_id or "", "status": "running"})
                 self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
             else:  # a resumed sweep or a retried trial: the same run goes on
@@ -289,6 +339,11 @@ class SweepTracker:
                 self.client.set_tag(run.info.run_id, "status", "running")
                 history = self.client.get_metric_history(run.info.run_id, "epoch")
                 handle.last_step = max((int(m.step) for m in history), default=0)
+            if dataset and not (run.inputs and run.inputs.dataset_inputs):
+                # One at a time: the server creates a dataset on its first use, and two trials
+                # logging the same new dataset at once collide on its unique key (MLflow 3.17).
+                with self._dataset_lock:
+                    self.client.log_inputs(run.info.run_id, datasets=[dataset_input(dataset)])
             handle.run_id = run.info.run_id
         return Operation(f"child run of trial {trial_id}", perform, record, key=f"trial {trial_id}")
 
@@ -361,6 +416,30 @@ class SweepTracker:
                             "writing them, or Tune dropped a result); written from its checkpoints", [e for e, _, _ in sorted(found)], trial_id)
         return Operation(f"missing epochs before {step} of trial {trial_id}", perform, record, key=f"trial {trial_id}")
 
+    def _op_mutation(self, record: dict) -> Operation:
+        trial_id, step, changes = record["trial_id"], record["step"], record["changes"]
+        handle = self.trials[trial_id]
+
+        def perform() -> None:
+            from mlflow.entities import Metric, RunTag
+
+            run = self.client.get_run(handle.run_id)
+            stamp = int(time.time() * 1000)
+            tags, metrics = [], []
+            for key, (old, new) in changes.items():
+                history = run.data.tags.get(f"mutated.{key}") or f"{old} (start)"
+                if f"(epoch {step})" in history:
+                    continue  # written before a retry
+                tags.append(RunTag(f"mutated.{key}", f"{history} -> {new} (epoch {step})"[-5000:]))
+                numbers = [_number(old), _number(new)]
+                if None not in numbers:
+                    if f"mutated.{key}" not in run.data.tags:
+                        metrics.append(Metric(f"mutated/{key}", numbers[0], stamp, 1))
+                    metrics.append(Metric(f"mutated/{key}", numbers[1], stamp, step))
+            if tags or metrics:
+                self.client.log_batch(handle.run_id, metrics=metrics, tags=tags)
+        return Operation(f"mutation at epoch {step} of trial {trial_id}", perform, record, key=f"trial {trial_id}")
+
     def _op_artifacts(self, record: dict) -> Operation:
         trial_id, copy = record["trial_id"], Path(record["copy"])
         handle = self.trials[trial_id]
@@ -396,28 +475,64 @@ class SweepTracker:
             import torch
 
             state_file = self._fetched(target / MODEL)
+            self._fetched(target / "metrics.json")
             if not (target / "state_dict.pt").exists():
                 state = torch.load(state_file, map_location="cpu", weights_only=True)
                 torch.save(state["model"], target / "state_dict.pt")
                 (target / "config.json").write_text(json.dumps(state["config"]))
                 state_file.unlink()
-            if self.model_format == "pytorch":
-                import mlflow.pytorch
-
-                from trainers.backbones import build_backbone
-                from trainers.config import RunConfig
-
-                weights = torch.load(target / "state_dict.pt", map_location="cpu", weights_only=True)
-                run_config = RunConfig.from_dict(json.loads((target / "config.json").read_text()))
-                model = build_backbone(run_config.model.backbone, _num_classes(weights),
-                                       large_feature_map=run_config.model.large_feature_map)
-                model.load_state_dict(weights)
-                with self._model_lock, _active_run(self.uri, handle.run_id):
-                    mlflow.pytorch.log_model(model, name="model")
-            else:
-                self.client.log_artifact(handle.run_id, str(target / "state_dict.pt"), "model")
+            # The state_dict stays a plain file: `python -m trainers --eval-only` and torch.load(weights_only=True).
+            self.client.log_artifact(handle.run_id, str(target / "state_dict.pt"), "model")
+            if self.model_format == "mlflow":
+                self._log_logged_model(handle, target)
             shutil.rmtree(target, ignore_errors=True)
         return Operation(f"final model of trial {trial_id}", perform, record, [target], key=f"trial {trial_id}")
+
+    def _log_logged_model(self, handle: RunHandle, folder: Path) -> None:
+        """The final model as an MLflow 3 logged model of the trial's run: the UI's Models tab lists
+        it with the run's metrics of the final epoch (test/ included) linked to it, and
+        `mlflow.register_model("models:/<model_id>", name)` registers it. Once per run: a retried
+        write (the server went away after the model was in) finds it and stops."""
+        import mlflow.pytorch
+        import numpy as np
+        import torch
+        from mlflow.entities import LoggedModelStatus
+        from mlflow.models import infer_signature
+
+        from trainers.backbones import build_backbone
+        from trainers.config import RunConfig
+
+        weights = torch.load(folder / "state_dict.pt", map_location="cpu", weights_only=True)
+        config = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        model = build_backbone(config.model.backbone, _num_classes(weights),
+                               large_feature_map=config.model.large_feature_map)
+        model.load_state_dict(weights)
+        model.eval()
+        example = np.zeros((1, 3, config.data.input_size, config.data.input_size), np.float32)
+        with torch.no_grad():
+            signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+        metrics = json.loads((folder / "metrics.json").read_text())
+        epoch = int(metrics.get("epoch", 0))
+        found = self.client.search_logged_models([self._experiment()], max_results=1,
+                                                 filter_string=f"source_run_id = '{handle.run_id}'")
+        if found and found[0].status == LoggedModelStatus.READY:
+            handle.model_id = found[0].model_id
+            return
+        if found:  # created, then the upload failed: upload into it
+            model_id = found[0].model_id
+        else:  # created here, in the sweep's experiment (log_model alone would use the process's)
+            params = {**self.client.get_run(handle.run_id).data.params, "epochs": str(epoch)}
+            model_id = self.client.create_logged_model(self._experiment(), name="model", source_run_id=handle.run_id,
+                                                       params=params, model_type="cam_classifier").model_id
+        with self._model_lock:  # log_model reads the process's tracking URI
+            mlflow.set_tracking_uri(self.uri)
+            # pickle, not pt2: the CAM needs the module itself (forward_features, the classifier
+            # weights), which a traced graph of forward() does not keep; pt2 also costs seconds a model.
+            # With run_id and step, MLflow links the run's metrics of that epoch (test/ included) to it.
+            info = mlflow.pytorch.log_model(model, name="model", model_id=model_id, run_id=handle.run_id, step=epoch,
+                                            signature=signature, serialization_format="pickle",
+                                            pip_requirements=_model_requirements())
+        handle.model_id = info.model_id
 
     def _op_end_trial(self, record: dict) -> Operation:
         trial_id, status, tags = record["trial_id"], record["status"], record["tags"]
@@ -453,24 +568,32 @@ def _result_or_again(future, again):
         return again()
 
 
+class _PickleNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Pickle or CloudPickle" not in record.getMessage()
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _model_requirements() -> list[str]:
+    """What loading the logged model needs: this project (its module classes are pickled) and torch.
+    Given, not inferred: MLflow's inference runs the model in a subprocess, seconds per trial."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    requirements = [f"torch=={torch.__version__.split('+')[0]}"]
+    try:
+        requirements.append(f"has-sweep=={version('has-sweep')}")
+    except PackageNotFoundError:
+        pass
+    return requirements
+
+
 def _num_classes(state_dict: dict) -> int:
     return int(state_dict["classifier.weight"].shape[0])
-
-
-class _active_run:
-    """mlflow.pytorch.log_model logs to the active run: make the trial's run active for a moment."""
-
-    def __init__(self, uri: str, run_id: str) -> None:
-        self.uri, self.run_id = uri, run_id
-
-    def __enter__(self):
-        import mlflow
-
-        mlflow.set_tracking_uri(self.uri)
-        self.run = mlflow.start_run(run_id=self.run_id)
-        return self.run
-
-    def __exit__(self, *exc) -> None:
-        import mlflow
-
-        mlflow.end_run()  # the trial's own end (end_trial, queued after this) sets its final status

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import tempfile
@@ -13,13 +14,14 @@ from orchestrator.checkpoint_files import CheckpointLocation, fetch_file
 from orchestrator.search import resolve, trial_values
 from orchestrator.storage import open_filesystem
 from orchestrator.spaces import SweepSpec
+from orchestrator.paired import paired_report
 from orchestrator.table import TrialResult, build_table, describe, format_table
-from orchestrator.tracking import ROLE_TAG, SWEEP_TAG, TRIAL_TAG, URI_ENV, SweepTracker, git_commit, versions
+from orchestrator.dataset_input import trial_dataset
+from orchestrator.run_names import run_name
+from orchestrator.tracking import ROLE_TAG, TRIAL_TAG, URI_ENV, SweepTracker, versions
 from trainers.config_parse import flatten
 
 log = logging.getLogger(__name__)
-
-LABEL_KEYS = ("model.backbone", "has.mixture", "has.fill", "has.p_hide")
 
 
 def never_fails(hook):
@@ -45,19 +47,27 @@ def logged_metrics(result: dict) -> dict[str, float]:
 class MlflowCallback(Callback):
     """One parent run per sweep, one child run per trial, metrics every epoch, artifacts per checkpoint."""
 
-    def __init__(self, spec: SweepSpec, space_text: str, log_model: str = "state_dict", storage_root: str = "") -> None:
+    def __init__(self, spec: SweepSpec, space_text: str, log_model: str = "mlflow", storage_root: str = "",
+                 sweep_id: str | None = None, checked_data: dict[str, str] | None = None) -> None:
         self.spec, self.space_text, self.log_model = spec, space_text, log_model
         self.storage_root = storage_root  # where Ray Train's checkpoint paths (no scheme) live
+        self.sweep_id = sweep_id  # the sweep's identity in MLflow (kept in its state file in storage)
+        self.checked_data = checked_data  # {'root', 'digest'} the pre-launch data check found on a worker
         self.tracker: SweepTracker | None = None
         self.summary: str | None = None
         self.ended: set[str] = set()  # trials whose run this driver ended
         self.last_steps: dict[str, int] = {}  # trial -> the last epoch this driver saw of it
+        self.configs: dict[str, tuple[str, dict]] = {}  # trial -> (its Tune config as JSON, flattened run config)
+        self.logged_configs: dict[str, dict] = {}  # trial -> the config its run has (params, then mutations)
+
+    _LIVE = ("tracker", "summary", "_filesystem", "ended", "last_steps", "configs", "logged_configs")
 
     def __getstate__(self) -> dict:  # pickled with the experiment; the live tracker is rebuilt in setup
-        return {k: v for k, v in self.__dict__.items() if k not in ("tracker", "summary", "_filesystem", "ended", "last_steps")}
+        return {k: v for k, v in self.__dict__.items() if k not in self._LIVE}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, tracker=None, summary=None, ended=set(), last_steps={})
+        self.__dict__.update({"sweep_id": None, "checked_data": None}, **state)  # (pickled by older versions)
+        self.__dict__.update(tracker=None, summary=None, ended=set(), last_steps={}, configs={}, logged_configs={})
 
     def setup(self, **info) -> None:
         uri = os.environ.get(URI_ENV)
@@ -66,27 +76,43 @@ class MlflowCallback(Callback):
             return
         spill = Path(os.environ.get("HAS_SWEEP_SPILL_DIR") or tempfile.gettempdir()) / f"mlflow_unsent_{self.spec.name}"
         self.tracker = SweepTracker(uri, self.spec.name, spill, self.spec.fields.metric, self.spec.fields.mode,
-                                    self.log_model)
+                                    self.log_model, sweep_id=self.sweep_id)
         tags = {"space_hash": self.spec.space_hash, "metric": self.spec.fields.metric, "mode": self.spec.fields.mode,
                 "searched": ",".join(self.spec.random_keys), "space_file": self.spec.source, **versions()}
-        commit = git_commit()
-        if commit:
-            tags["git_commit"] = commit
         self.tracker.start_sweep(tags, {Path(self.spec.source).name or "sweep.yaml": self.space_text})
 
     # ---- per trial -----------------------------------------------------------------------
 
     def _config(self, trial) -> dict:
-        return flatten(resolve(self.spec, trial_values(self.spec, trial.config)).to_dict())
+        """The trial's flattened run config, resolved again only when Tune's config changed (PBT)."""
+        raw = json.dumps(trial.config, sort_keys=True, default=str)
+        known = self.configs.get(trial.trial_id)
+        if known is None or known[0] != raw:
+            known = self.configs[trial.trial_id] = (raw, flatten(resolve(self.spec, trial_values(self.spec, trial.config)).to_dict()))
+        return known[1]
 
     def _start(self, trial):
         known = self.tracker.trials.get(trial.trial_id)
         if known is not None:  # every result and checkpoint comes here: resolve the config once per trial
             return known
-        config = self._config(trial)
-        label = " | ".join(str(config[k]) for k in LABEL_KEYS if k in config) + f" | seed {config.get('seed')}"
+        config = self.logged_configs[trial.trial_id] = self._config(trial)
         params = {k: v for k, v in config.items() if k not in ("output_dir", "progress")}
-        return self.tracker.start_trial(trial.trial_id, label, params)
+        data = {k.split(".", 1)[1]: v for k, v in config.items() if k.startswith("data.") and not k.startswith("data.synthetic.")}
+        data["synthetic"] = {k.split(".", 2)[2]: v for k, v in config.items() if k.startswith("data.synthetic.")}
+        searched = [*self.spec.shown_keys, *self.spec.random_keys]
+        return self.tracker.start_trial(trial.trial_id, run_name(config, searched), params,
+                                        trial_dataset(data, self.checked_data))
+
+    def _mutations(self, trial, step: int) -> None:
+        """PBT changed the trial's config (exploit and explore): log what changed, from this epoch."""
+        before, after = self.logged_configs.get(trial.trial_id), self._config(trial)
+        if before is None or before is after:
+            return
+        changes = {k: (before.get(k), v) for k, v in after.items()
+                   if k not in ("output_dir", "progress") and before.get(k) != v}
+        self.logged_configs[trial.trial_id] = after
+        if changes:
+            self.tracker.log_mutation(trial.trial_id, changes, step)
 
     @never_fails
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -111,6 +137,7 @@ class MlflowCallback(Callback):
             if folder is not None:
                 self.tracker.fill_gap(trial.trial_id, step, folder)
         self.last_steps[trial.trial_id] = max(step, last or 0)
+        self._mutations(trial, step)
         self.tracker.log_metrics(trial.trial_id, logged_metrics(result), step)
         if location is not None:  # multi-worker trials: Ray Train's checkpoint, in the sweep's storage
             self.tracker.log_evaluation(trial.trial_id, location)
@@ -205,7 +232,8 @@ class MlflowCallback(Callback):
         # resumed sweep does not run that trial again, so its run, still RUNNING, is ended here.
         left = {t.trial_id: t for t in trials if t.trial_id not in self.ended and t.status in ("TERMINATED", "ERROR")}
         if left:
-            query = f"tags.`{SWEEP_TAG}` = '{self.spec.name}' and tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'RUNNING'"
+            identity = " and ".join(f"tags.`{k}` = '{v}'" for k, v in self.tracker.identity.items())
+            query = f"{identity} and tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'RUNNING'"
             running = self.tracker.client.search_runs([self.tracker._experiment()], query, max_results=5000)
             for run in running:
                 trial = left.get(run.data.tags.get(TRIAL_TAG))
@@ -225,7 +253,7 @@ class MlflowCallback(Callback):
         table = build_table(results, choose_by=self.spec.choose_by, mode=self.spec.fields.mode)
         folder = Path(tempfile.mkdtemp(prefix=f"report-{self.spec.name}-"))
         write_report(table, folder)
-        (folder / "table.txt").write_text(format_table(table, "text") + describe(table) + "\n")
+        (folder / "table.txt").write_text(format_table(table, "text") + describe(table) + "\n\n" + paired_report(table))
         pair = best_and_baseline(table, self.spec.fields.metric)
         by_id = {t.trial_id: t for t in trials}
         if pair:

@@ -56,7 +56,7 @@ def test_quickstart_runs_end_to_end_on_reduced_sizes(tmp_path):
     done = run_sweep("--storage-path", str(tmp_path / "rr"), "data.synthetic.train_size=192",
                      "data.synthetic.val_size=48", "data.synthetic.test_size=40", "optim.epochs=2", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    table = done.stdout[done.stdout.index("sweep quickstart: 10 trials"):]
+    table, paired_part = done.stdout[done.stdout.index("sweep quickstart: 10 trials"):].split("paired differences:")
     rows = [line.split()[:3] for line in table.splitlines() if line.startswith("tiny_cnn")]
     assert rows == [["tiny_cnn", "none", "-"], ["tiny_cnn", "24", "dataset_mean"], ["tiny_cnn", "24", "zero"],
                     ["tiny_cnn", "mixed:8,16,24", "dataset_mean"], ["tiny_cnn", "mixed:8,16,24", "zero"]]
@@ -71,9 +71,24 @@ def test_quickstart_runs_end_to_end_on_reduced_sizes(tmp_path):
     report = run_sweep("quickstart", cwd=tmp_path, module="orchestrator.report")
     assert report.returncode == 0, report.stderr
     printed = [line for line in table.splitlines() if line.startswith("tiny_cnn")]
-    assert [line for line in report.stdout.splitlines() if line.startswith("tiny_cnn")] == printed
+    table_part, report_paired = report.stdout.split("paired differences:")
+    assert [line for line in table_part.splitlines() if line.startswith("tiny_cnn")] == printed
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")} >= {
-        "report/table.md", "report/metrics_vs_patch_size.png", "report/cam_best_vs_baseline.png"}
+        "report/table.md", "report/metrics_vs_patch_size.png", "report/cam_best_vs_baseline.png",
+        "report/paired.md", "report/paired_differences.png"}
+    # the paired differences end the sweep's output and the report's, the same four configurations
+    paired = [line for line in paired_part.splitlines() if line.startswith("tiny_cnn")]
+    assert [line.split()[1:3] for line in paired] == [["24", "dataset_mean"], ["24", "zero"],
+                                                       ["mixed:8,16,24", "dataset_mean"], ["mixed:8,16,24", "zero"]]
+    assert [line for line in report_paired.splitlines() if line.startswith("tiny_cnn")] == paired
+    # a model-training experiment; run names that tell the trials apart; the data and the model in MLflow
+    assert client.get_experiment_by_name("quickstart").tags["mlflow.experimentKind"] == "custom_model_development"
+    names = sorted(c.info.run_name for c in children)
+    assert len(set(names)) == 10 and "tiny_cnn | 24 | dataset_mean | p 0.5 | seed 1" in names
+    assert "tiny_cnn | none | seed 0" in names
+    assert all(c.inputs.dataset_inputs[0].dataset.name == "synthetic" for c in children)
+    models = client.search_logged_models([parents[0].info.experiment_id])
+    assert sorted(m.source_run_id for m in models) == sorted(c.info.run_id for c in children)
 
 
 def _engine_ddp(rank, world, init_file, config_dict, output):
@@ -171,3 +186,14 @@ def test_population_based_training_exploits_and_mutates_in_process_trials(tmp_pa
     assert len(trials) == 4 and all(results(t)[-1]["training_iteration"] == 4 for t in trials)
     client, _, children = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "pbt")
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    # PBT's new values reach the runs: a tag with the history, a metric from the epoch they apply
+    final_lr = {results(t)[-1]["trial_id"]: results(t)[-1]["config"]["grid"]["optim.lr"] for t in trials}
+    mutated = [c for c in children if "mutated.optim.lr" in c.data.tags]
+    assert mutated, "PBT mutated no trial's lr"
+    for child in mutated:
+        history = client.get_metric_history(child.info.run_id, "mutated/optim.lr")
+        assert min(m.step for m in history) == 1 and float(child.data.params["optim.lr"]) == pytest.approx(
+            next(m.value for m in history if m.step == 1), rel=1e-5)  # the starting value, as in the params
+        last = max(history, key=lambda m: m.step)
+        assert last.value == pytest.approx(final_lr[child.data.tags["trial_id"]], rel=1e-5)
+        assert child.data.tags["mutated.optim.lr"].endswith(f"(epoch {last.step})")

@@ -1,4 +1,6 @@
 """MLflow tracking against a real `mlflow server` on 127.0.0.1: structure, resume, outages, report."""
+import getpass
+import hashlib
 import json
 from pathlib import Path
 
@@ -12,7 +14,8 @@ from mlflow_server import MlflowServer
 from orchestrator.checkpoint_files import CheckpointLocation
 from orchestrator.report import results_from_mlflow
 from orchestrator.table import TrialResult, build_table, format_table
-from orchestrator.tracking import SweepTracker
+from orchestrator.dataset_input import trial_dataset
+from orchestrator.tracking import SweepTracker, git_commit
 from trainers.backbones import build_backbone
 from trainers.checkpoint import list_checkpoints
 from trainers.config import RunConfig
@@ -65,7 +68,7 @@ def run_sweep(tracker: SweepTracker, config: RunConfig, folders, epochs=(1, 2)) 
     results = []
     for index, trial in enumerate(TRIALS):
         params = flatten(config.replace(seed=index).to_dict())
-        tracker.start_trial(trial, f"trial {trial}", params)
+        tracker.start_trial(trial, f"trial {trial}", params, trial_dataset(config.to_dict()["data"]))
         for epoch in epochs:
             metrics = metrics_of(folders[epoch - 1])
             tracker.log_metrics(trial, {**metrics, "val/cls_top1": metrics["val/cls_top1"] + index}, epoch)
@@ -85,6 +88,8 @@ def test_one_parent_one_child_per_trial_with_params_metrics_and_artifacts(server
     assert tracker.end_sweep() is None
     client = MlflowClient(server.uri)
     experiment = client.get_experiment_by_name("structure")
+    # a model-training experiment: MLflow 3's UI opens it with runs and charts, not its GenAI layout
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags["has_sweep.role"] == "sweep"]
     children = [r for r in runs if r.data.tags["has_sweep.role"] == "trial"]
@@ -107,6 +112,89 @@ def test_one_parent_one_child_per_trial_with_params_metrics_and_artifacts(server
                        weights_only=True)
     build_backbone("tiny_cnn", 6).load_state_dict(state)  # the final model loads into its backbone
     assert parents[0].info.status == "FINISHED"
+    # MLflow's standard source tags on every run
+    for run in runs:
+        assert run.data.tags["mlflow.source.name"] == "orchestrator.sweep"
+        assert run.data.tags["mlflow.user"] == getpass.getuser()
+        assert run.data.tags["mlflow.source.git.commit"] == git_commit() and len(git_commit()) == 40
+    # the trial's data as a dataset input: the synthetic set's digest is that of its config
+    [used] = client.get_run(child.info.run_id).inputs.dataset_inputs
+    expected = hashlib.sha256(json.dumps(config.to_dict()["data"]["synthetic"], sort_keys=True).encode()).hexdigest()[:12]
+    assert (used.dataset.name, used.dataset.digest, used.dataset.source_type) == ("synthetic", expected, "code")
+    assert [(t.key, t.value) for t in used.tags] == [("mlflow.data.context", "train")]
+
+
+def test_the_final_model_is_an_mlflow_logged_model_linked_to_its_metrics_and_registrable(server, checkpoints, tmp_path):
+    import mlflow
+    import mlflow.pytorch
+
+    config, folders = checkpoints
+    tracker = SweepTracker(server.uri, "models", tmp_path / "spill")
+    run_sweep(tracker, config, folders)
+    assert tracker.end_sweep() is None
+    client = MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("models").experiment_id
+    children = {r.data.tags["trial_id"]: r for r in client.search_runs([experiment], "tags.`has_sweep.role` = 'trial'")}
+    models = client.search_logged_models([experiment])
+    assert sorted(m.source_run_id for m in models) == sorted(r.info.run_id for r in children.values())  # one each
+    model = next(m for m in models if m.source_run_id == children["t1"].info.run_id)
+    assert (str(model.status), model.name, model.model_type) == ("READY", "model", "cam_classifier")
+    assert model.params["has.mixture"] == "none" and model.params["seed"] == "1" and model.params["epochs"] == "2"
+    final = metrics_of(folders[-1])
+    linked = {m.key: (m.step, m.value) for m in model.metrics}
+    assert linked["test/maxboxacc_v2"] == (2, final["test/maxboxacc_v2"])
+    assert linked["val/cls_top1"] == (2, final["val/cls_top1"] + 1)  # the run's value (run_sweep adds the index)
+    # the run still has one point per epoch, not a second one for the link
+    assert len(client.get_metric_history(children["t1"].info.run_id, "test/maxboxacc_v2")) == 1
+    mlflow.set_tracking_uri(server.uri)
+    network = mlflow.pytorch.load_model(f"models:/{model.model_id}")
+    state = torch.load(folders[-1] / "state.pt", map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(network.state_dict()[k], v) for k, v in state.items())
+    assert network.forward_features(torch.zeros(1, 3, 64, 64)).dim() == 4  # the CAM's module, not a traced graph
+    version = mlflow.register_model(f"models:/{model.model_id}", "has_sweep_test_model")
+    assert version.version == "1" or int(version.version) == 1
+
+
+def test_sweeps_of_one_name_are_told_apart_by_their_id(server, checkpoints, tmp_path):
+    config, folders = checkpoints
+    client = MlflowClient(server.uri)
+    for sweep_id, value in (("first", 1.0), ("second", 2.0), ("first", 3.0)):  # then the first one resumed
+        tracker = SweepTracker(server.uri, "same-name", tmp_path / sweep_id, sweep_id=sweep_id)
+        tracker.start_sweep({}, {})
+        tracker.start_trial("t0", "t0", flatten(config.to_dict()))
+        tracker.log_metrics("t0", {"test/maxboxacc_v2": value}, int(value))
+        assert tracker.end_sweep() is None
+    runs = client.search_runs([client.get_experiment_by_name("same-name").experiment_id])
+    parents = [r for r in runs if r.data.tags["has_sweep.role"] == "sweep"]
+    assert sorted(r.data.tags["sweep_id"] for r in parents) == ["first", "second"]
+    children = {r.data.tags["sweep_id"]: r for r in runs if r.data.tags["has_sweep.role"] == "trial"}
+    assert len(children) == 2 and children["first"].data.tags["mlflow.parentRunId"] == next(
+        p.info.run_id for p in parents if p.data.tags["sweep_id"] == "first")
+    assert [m.value for m in client.get_metric_history(children["first"].info.run_id, "test/maxboxacc_v2")] == [1.0, 3.0]
+    latest, results = results_from_mlflow(client, "same-name")  # the latest started, unless asked
+    assert latest.data.tags["sweep_id"] == "second" and [r.metrics["test/maxboxacc_v2"] for r in results] == [2.0]
+    _, results = results_from_mlflow(client, "same-name", sweep_id="first")
+    assert [r.metrics["test/maxboxacc_v2"] for r in results] == [3.0]
+
+
+def test_a_pbt_mutation_is_logged_from_its_epoch(server, checkpoints, tmp_path):
+    config, _ = checkpoints
+    tracker = SweepTracker(server.uri, "mutations", tmp_path / "spill")
+    tracker.start_sweep({}, {})
+    tracker.start_trial("t0", "t0", flatten(config.to_dict()))
+    tracker.log_mutation("t0", {"optim.lr": (0.1, 0.05), "has.fill": ("zero", "blur")}, 3)
+    tracker.log_mutation("t0", {"optim.lr": (0.05, 0.2)}, 5)
+    tracker.log_mutation("t0", {"optim.lr": (0.05, 0.2)}, 5)  # the same again (a retried write): once
+    assert tracker.end_sweep() is None
+    client = MlflowClient(server.uri)
+    run = next(r for r in client.search_runs([client.get_experiment_by_name("mutations").experiment_id])
+               if r.data.tags["has_sweep.role"] == "trial")
+    assert run.data.params["optim.lr"] == str(config.optim.lr)  # params keep the starting values
+    assert run.data.tags["mutated.optim.lr"] == "0.1 (start) -> 0.05 (epoch 3) -> 0.2 (epoch 5)"
+    assert run.data.tags["mutated.has.fill"] == "zero (start) -> blur (epoch 3)"
+    history = client.get_metric_history(run.info.run_id, "mutated/optim.lr")
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.1), (3, 0.05), (5, 0.2)]
+    assert client.get_metric_history(run.info.run_id, "mutated/has.fill") == []  # not a number: the tag only
 
 
 def test_a_resumed_sweep_continues_the_same_runs_without_duplicates(server, checkpoints, tmp_path):
@@ -197,4 +285,5 @@ def test_the_driver_reads_only_what_it_logs_every_epoch_and_the_model_once(serve
         1 for folder in folders for f in folder.rglob("*") if f.is_file() and f.name != "state.pt"))
     tracker.log_model("t0", local(folders[-1]))
     assert tracker.end_sweep() is None
-    assert tracker.fetched.bytes == small + (folders[-1] / "state.pt").stat().st_size
+    # the model once; and its metrics.json, for the epoch the logged model is linked at
+    assert tracker.fetched.bytes == small + (folders[-1] / "state.pt").stat().st_size + (folders[-1] / "metrics.json").stat().st_size
