@@ -197,3 +197,26 @@ def test_population_based_training_exploits_and_mutates_in_process_trials(tmp_pa
         last = max(history, key=lambda m: m.step)
         assert last.value == pytest.approx(final_lr[child.data.tags["trial_id"]], rel=1e-5)
         assert child.data.tags["mutated.optim.lr"].endswith(f"(epoch {last.step})")
+
+
+def test_a_sweep_keeps_its_runs_when_its_storage_moves_and_a_new_sweep_of_its_name_gets_its_own(tmp_path):
+    base = {**TINY, "optim": {"epochs": 1}}
+    path = sweep_file(tmp_path, "moved", base=base, seeds=[0], space={"has.mixture": {"grid": ["none", "24"]}})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "old"), "--tracking-uri", uri, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    sweep_id = json.loads((tmp_path / "old" / "moved" / "has_sweep.json").read_text())["sweep_id"]
+    (tmp_path / "old").rename(tmp_path / "new")  # the storage moves (a bucket renamed, a disk remounted)
+    again = run_sweep("--resume", "moved", "--storage-path", str(tmp_path / "new"), "--tracking-uri", uri, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    client, parents, children = mlflow_runs(uri, "moved")
+    assert [p.data.tags["sweep_id"] for p in parents] == [sweep_id] and len(children) == 2  # its own runs again
+    other = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "elsewhere"), "--tracking-uri", uri,
+                      cwd=tmp_path)
+    assert other.returncode == 0, other.stderr[-3000:]
+    client, parents, children = mlflow_runs(uri, "moved")
+    assert len(parents) == 2 and len(children) == 4 and len({p.data.tags["sweep_id"] for p in parents}) == 2
+    report = run_sweep("moved", "--tracking-uri", uri, cwd=tmp_path, module="orchestrator.report")
+    assert report.returncode == 0, report.stderr
+    newest = json.loads((tmp_path / "elsewhere" / "moved" / "has_sweep.json").read_text())["sweep_id"]
+    assert f"2 sweeps are named 'moved'; showing the latest, {newest}" in report.stderr and sweep_id in report.stderr
