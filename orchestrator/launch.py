@@ -15,7 +15,7 @@ from orchestrator.checks import check_data, check_storage
 from orchestrator.search import resolve, trial_values, tune_domains, tune_search
 from orchestrator.spaces import TRIAL_DRIVER_CPU, WEIGHT_PREFIX, SweepInputError, SweepSpec
 from orchestrator.storage import child_uri, is_uri
-from orchestrator.paired import paired_report
+from orchestrator.paired import paired_report, parse_baseline
 from orchestrator.table import TrialResult, build_table, describe, format_table
 from trainers.config_parse import flatten
 
@@ -335,7 +335,7 @@ def launch(spec: SweepSpec, overrides: list[str], data: str | None, *, resume: b
         table = build_table(results, choose_by=spec.choose_by, mode=spec.fields.mode)
         print(f"\nsweep {spec.name}: {len(results)} trials, results in {experiment}")
         print(format_table(table, "text") + describe(table))
-        print("\n" + paired_report(table), end="")
+        print("\n" + paired_report(table, parse_baseline(spec.fields.baseline)), end="")
         return 1 if any(r.status == "ERROR" for r in results) else 0
     finally:
         ray.shutdown()

@@ -206,13 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=("val", "test"), help="default: test when the trials have it")
     parser.add_argument("--baseline", metavar="KEY=VALUE[,KEY=VALUE]",
                         help="what the paired differences compare against, with the same backbone "
-                             "(default: has.mixture=none, no hiding)")
+                             "(default: the sweep file's baseline, itself by default has.mixture=none: no hiding)")
     parser.add_argument("--out", help="also write the table files, plots and the CAM mosaic into this folder")
     args = parser.parse_args(argv)
-    try:
-        baseline = parse_baseline(args.baseline)
-    except ValueError as error:
-        parser.error(str(error))
 
     from orchestrator.tracking import default_tracking_uri, quiet_mlflow_http
 
@@ -228,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - an unreachable store is the user's to fix: one line
         print(f"error: cannot read the tracking store {client.tracking_uri}: {str(error).splitlines()[0]}",
               file=sys.stderr)
+        return 2
+    try:  # the sweep file's baseline (a parent tag) unless --baseline says otherwise
+        baseline = parse_baseline(args.baseline or parent.data.tags.get("baseline"))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     metric = parent.data.tags.get("metric", "val/maxboxacc_v2")
     searched = parent.data.tags.get("searched", "")

@@ -132,6 +132,9 @@ class SweepFields:
     # Trials reuse worker processes (Tune's reuse_actors): faster for short trials; false gives each trial a
     # fresh process (nothing kept between trials: memory, threads, CUDA state).
     reuse_workers: bool = True
+    # What the paired differences under the final table compare each configuration with (same backbone):
+    # KEY=VALUE[,KEY=VALUE] of run config keys, as `python -m orchestrator.report --baseline`.
+    baseline: str = "has.mixture=none"
     storage: StorageSpec = field(default_factory=StorageSpec)
 
 
@@ -313,6 +316,20 @@ def parse_space(text: str, source: str = "<sweep>") -> SweepSpec:
     return spec
 
 
+def _check_baseline(spec: SweepSpec) -> None:
+    from orchestrator.paired import parse_baseline
+
+    try:
+        pairs = parse_baseline(spec.fields.baseline)
+    except ValueError as error:
+        raise _error(spec.source, f"baseline: {str(error).removeprefix('--baseline: ')}") from None
+    for key in pairs:
+        try:
+            set_dotted({}, key, None, RunConfig)
+        except ConfigError as error:
+            raise _error(spec.source, f"baseline: {error}") from None
+
+
 def load_space(path: str | Path) -> SweepSpec:
     """parse_space of a file; a missing file is a SpaceError naming it."""
     path = Path(path)
@@ -324,6 +341,7 @@ def load_space(path: str | Path) -> SweepSpec:
 
 
 def _check_combinations(spec: SweepSpec) -> None:
+    _check_baseline(spec)
     algorithm, scheduler = spec.fields.search.algorithm, spec.fields.scheduler.name
     if algorithm == "optuna" and scheduler == "pbt":
         raise _error(spec.source, "scheduler.name: pbt mutates configs itself; use search.algorithm grid or random")

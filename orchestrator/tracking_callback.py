@@ -14,7 +14,7 @@ from orchestrator.checkpoint_files import CheckpointLocation, fetch_file
 from orchestrator.search import resolve, trial_values
 from orchestrator.storage import open_filesystem
 from orchestrator.spaces import SweepSpec
-from orchestrator.paired import paired_report
+from orchestrator.paired import paired_report, parse_baseline
 from orchestrator.table import TrialResult, build_table, describe, format_table
 from orchestrator.dataset_input import trial_dataset
 from orchestrator.run_names import run_name
@@ -78,7 +78,8 @@ class MlflowCallback(Callback):
         self.tracker = SweepTracker(uri, self.spec.name, spill, self.spec.fields.metric, self.spec.fields.mode,
                                     self.log_model, sweep_id=self.sweep_id)
         tags = {"space_hash": self.spec.space_hash, "metric": self.spec.fields.metric, "mode": self.spec.fields.mode,
-                "searched": ",".join(self.spec.random_keys), "space_file": self.spec.source, **versions()}
+                "searched": ",".join(self.spec.random_keys), "space_file": self.spec.source,
+                "baseline": self.spec.fields.baseline, **versions()}
         self.tracker.start_sweep(tags, {Path(self.spec.source).name or "sweep.yaml": self.space_text})
 
     # ---- per trial -----------------------------------------------------------------------
@@ -252,8 +253,9 @@ class MlflowCallback(Callback):
             results.append(TrialResult(config, logged_metrics(last), status, trial.trial_id))
         table = build_table(results, choose_by=self.spec.choose_by, mode=self.spec.fields.mode)
         folder = Path(tempfile.mkdtemp(prefix=f"report-{self.spec.name}-"))
-        write_report(table, folder)
-        (folder / "table.txt").write_text(format_table(table, "text") + describe(table) + "\n\n" + paired_report(table))
+        write_report(table, folder, parse_baseline(self.spec.fields.baseline))
+        (folder / "table.txt").write_text(format_table(table, "text") + describe(table) + "\n\n"
+                                           + paired_report(table, parse_baseline(self.spec.fields.baseline)))
         pair = best_and_baseline(table, self.spec.fields.metric)
         by_id = {t.trial_id: t for t in trials}
         if pair:

@@ -268,3 +268,15 @@ def test_reuse_workers_is_read_and_checked():
     assert parse_space(text + "reuse_workers: false\n").fields.reuse_workers is False
     with pytest.raises(SpaceError, match="reuse_workers"):
         parse_space(text + "reuse_workers: maybe\n")
+
+
+def test_the_baseline_of_the_paired_differences_is_read_and_checked():
+    from orchestrator.spaces import SpaceError, parse_space
+
+    text = "name: r\nspace: {has.fill: {grid: [zero]}}\n"
+    assert parse_space(text).fields.baseline == "has.mixture=none"
+    assert parse_space(text + "baseline: has.mixture=24,has.fill=zero\n").fields.baseline == "has.mixture=24,has.fill=zero"
+    with pytest.raises(SpaceError, match=r"<sweep>: baseline: 'has.fill' is not KEY=VALUE"):
+        parse_space(text + "baseline: has.mixture=24,has.fill\n")
+    with pytest.raises(SpaceError, match=r"<sweep>: baseline: .*has.mixtur"):
+        parse_space(text + "baseline: has.mixtur=none\n")
