@@ -156,7 +156,8 @@ def tracking_callbacks(spec: SweepSpec, uri: str | None, enabled: bool, several_
     if not enabled:
         return []
     from orchestrator.tracking import (
-        URI_ENV, cluster_uri_hint, default_tracking_uri, is_local_uri, quiet_mlflow_http,
+        URI_ENV, cluster_uri_hint, default_tracking_uri, ensure_experiment, experiment_link, is_local_uri,
+        quiet_mlflow_http,
     )
     from orchestrator.tracking_callback import MlflowCallback
 
@@ -168,7 +169,7 @@ def tracking_callbacks(spec: SweepSpec, uri: str | None, enabled: bool, several_
     from mlflow import MlflowClient
 
     try:
-        MlflowClient(uri).search_experiments(max_results=1)
+        experiment_id = ensure_experiment(MlflowClient(uri), spec.name)
     except Exception as error:  # noqa: BLE001 - any failure here means: not usable now
         text = str(error).splitlines()[0][:200]
         if "401" in text or "not authenticated" in text.lower():
@@ -179,7 +180,7 @@ def tracking_callbacks(spec: SweepSpec, uri: str | None, enabled: bool, several_
                               "server, or run with --no-tracking") from None
     os.environ[URI_ENV] = uri  # read by the callback, also after a restore (callbacks come back pickled)
     os.environ["HAS_SWEEP_SPILL_DIR"] = str(spill_dir)
-    print(f"tracking: MLflow at {uri}, experiment {spec.name!r}")
+    print(f"tracking: MLflow at {uri}, experiment {spec.name!r}: {experiment_link(uri, experiment_id)}")
     return [MlflowCallback(spec, _space_text(spec), log_model, storage_root, sweep_id)]
 
 

@@ -35,7 +35,8 @@ URI_ENV = "HAS_SWEEP_TRACKING_URI"  # how the driver hands the URI to a restored
 # Written by cluster/start_mlflow.sh where it started the server (the head node, $MLFLOW_HOME).
 CLUSTER_URI_FILE = Path(os.environ.get("MLFLOW_HOME", "/home/ray/mlflow")) / "tracking_uri"
 LOCAL_SCHEMES = ("sqlite:", "file:", "/", ".")
-# MLflow 3's UI opens an experiment without this tag in its GenAI layout (traces, evaluations, judges).
+# Model training, not GenAI: MLflow 3 UIs up to the side-bar's layout switch (3.7 has none) read this tag to
+# choose the experiment's layout; 3.17's reads the switch instead (UI_LAYOUT_QUERY).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: "custom_model_development"}
 
@@ -48,6 +49,30 @@ def default_tracking_uri() -> str:
     if CLUSTER_URI_FILE.is_file() and CLUSTER_URI_FILE.read_text().strip():
         return CLUSTER_URI_FILE.read_text().strip()
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+# MLflow 3.17's UI chooses an experiment's layout by its side-bar switch (this query, else the browser's
+# last choice, else GenAI), not by the experiment kind tag: links carry it (tests/test_mlflow_ui.py).
+UI_LAYOUT_QUERY = "workflowType=machine_learning"
+
+
+def experiment_link(uri: str, experiment_id: str) -> str:
+    """Where the UI shows the sweep's runs in the model-training layout: the server's address, or the
+    path in the UI `mlflow ui` serves for a local store."""
+    path = f"/#/experiments/{experiment_id}/runs?{UI_LAYOUT_QUERY}"
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/") + path
+    return f"`mlflow ui` in {Path(uri.removeprefix('sqlite:///')).parent}, then http://127.0.0.1:5000{path}"
+
+
+def ensure_experiment(client, name: str) -> str:
+    """The experiment of a sweep, made with its tags if new (and tagged if an older one lacks them)."""
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        return client.create_experiment(name, tags=EXPERIMENT_TAGS)
+    if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_TAGS[EXPERIMENT_KIND_TAG]:
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_TAGS[EXPERIMENT_KIND_TAG])
+    return found.experiment_id
 
 
 def is_local_uri(uri: str) -> bool:
@@ -159,14 +184,7 @@ class SweepTracker:
     def _experiment(self) -> str:
         with self._experiment_lock:
             if self.experiment_id is None:
-                found = self.client.get_experiment_by_name(self.sweep)
-                if found is None:
-                    self.experiment_id = self.client.create_experiment(self.sweep, tags=EXPERIMENT_TAGS)
-                else:
-                    self.experiment_id = found.experiment_id
-                    if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_TAGS[EXPERIMENT_KIND_TAG]:
-                        self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG,
-                                                       EXPERIMENT_TAGS[EXPERIMENT_KIND_TAG])
+                self.experiment_id = ensure_experiment(self.client, self.sweep)
             return self.experiment_id
 
     def _find(self, tags: dict[str, str]) -> Any:

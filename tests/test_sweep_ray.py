@@ -83,6 +83,9 @@ def test_quickstart_runs_end_to_end_on_reduced_sizes(tmp_path):
     assert [line for line in report_paired.splitlines() if line.startswith("tiny_cnn")] == paired
     # a model-training experiment; run names that tell the trials apart; the data and the model in MLflow
     assert client.get_experiment_by_name("quickstart").tags["mlflow.experimentKind"] == "custom_model_development"
+    experiment_id = parents[0].info.experiment_id
+    assert (f"tracking: MLflow at sqlite:///{tmp_path / 'mlflow.db'}, experiment 'quickstart': `mlflow ui` in {tmp_path}, "
+            f"then http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning") in done.stdout
     names = sorted(c.info.run_name for c in children)
     assert len(set(names)) == 10 and "tiny_cnn | 24 | dataset_mean | p 0.5 | seed 1" in names
     assert "tiny_cnn | none | seed 0" in names
