@@ -3,7 +3,7 @@ the center-gaussian baseline and the ImageNet CAM before fine-tuning, with CAM o
 
     python -m trainers.datasets convert-voc ../shared/data/voc-animals data/voc-animals --splits 0.7,0.1,0.2
     python -m orchestrator.sweep --space search_spaces/voc_pretrained.yaml --data data/voc-animals \\
-        --tracking-uri sqlite:///voc.db --log-model none                 # about 40-50 minutes on 2 cores
+        --tracking-uri sqlite:///voc.db --log-model none                 # about an hour on 2 cores
     python experiments/voc_pretrained_results.py --tracking-uri sqlite:///voc.db --data data/voc-animals
 
 The table is `python -m orchestrator.report voc_pretrained`'s: per method, the learning rate whose mean
@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from orchestrator.paired import describe_paired, format_paired, paired_differences  # noqa: E402
 from orchestrator.report import _download_overlay, best_and_baseline, mosaic, results_from_mlflow  # noqa: E402
 from orchestrator.spaces import load_space  # noqa: E402
 from orchestrator.table import build_table, format_table  # noqa: E402
@@ -60,36 +61,29 @@ def caption(result) -> str:
     return f"{method}, lr {c['optim.lr']}, seed {c['seed']}"
 
 
-def paired_differences(table, imagenet_v2: float, center_v2: float, test_count: int) -> str:
-    """Each HaS row against plain CAM, seed by seed (same data order and initialisation), in MaxBoxAccV2."""
+def paired_section(table, imagenet_v2: float, center_v2: float, test_count: int) -> str:
+    """Each HaS row minus plain CAM, seed by seed: the report's paired differences (orchestrator/paired.py),
+    and a reading of them next to the reference lines."""
+    paired = paired_differences(table)
     baseline = next((row for row in table.rows if row.is_baseline), None)
-    if baseline is None:
+    if baseline is None or not paired.comparisons:
         return ""
-    cam = {int(r.config["seed"]): r.metrics["test/maxboxacc_v2"] for r in baseline.members}
-    lines = ["HaS minus plain CAM, test MaxBoxAccV2, paired by seed (mean ± s.d. over seeds):\n",
-             "| mixture | fill | lr | difference |", "|---|---|---|---|"]
-    for row in table.rows:
-        if row.is_baseline:
-            continue
-        diffs = [r.metrics["test/maxboxacc_v2"] - cam[int(r.config["seed"])] for r in row.members
-                 if int(r.config["seed"]) in cam]
-        spread = f" ± {statistics.stdev(diffs):.2f}" if len(diffs) > 1 else ""
-        config = row.members[0].config
-        lines.append(f"| {config['has.mixture']} | {config['has.fill']} | {config['optim.lr']} | "
-                     f"{statistics.fmean(diffs):+.2f}{spread} |")
-    mean_cam = statistics.fmean(cam.values())
-    differences = [float(line.split("|")[4].split("±")[0]) for line in lines[3:]]
+    lines = ["HaS minus plain CAM, seed by seed (`python -m orchestrator.report`'s paired differences):\n",
+             format_paired(paired, table.columns, "md"), describe_paired(paired) + "\n"]
+    mean_cam = statistics.fmean(baseline.values["maxboxacc_v2"])
+    differences = [c.differences["maxboxacc_v2"] for c in paired.comparisons if "maxboxacc_v2" in c.differences]
     one_image = 100 / test_count
 
     def side(value: float, reference: float) -> str:
         return "above" if value > reference + one_image else "below" if value < reference - one_image else "level with"
 
     lines.append(
-        f"\nPlain CAM after fine-tuning: {mean_cam:.2f}; the ImageNet network before fine-tuning: {imagenet_v2:.2f}; "
-        f"the center baseline: {center_v2:.2f} (MaxBoxAccV2, test). Reading, with one test image = "
-        f"{one_image:.2f} points as the margin: {sum(d < -one_image for d in differences)} of {len(differences)} "
-        f"HaS settings are below plain CAM and {sum(d > one_image for d in differences)} above; fine-tuned plain CAM "
-        f"is {side(mean_cam, center_v2)} the center baseline and {side(mean_cam, imagenet_v2)} the ImageNet network "
+        f"Plain CAM after fine-tuning: {mean_cam:.2f}; the ImageNet network before fine-tuning: {imagenet_v2:.2f}; "
+        f"the center baseline: {center_v2:.2f} (MaxBoxAccV2, test). Reading: of {len(differences)} HaS settings, "
+        f"{sum(d.excludes_zero and d.mean < 0 for d in differences)} are below plain CAM and "
+        f"{sum(d.excludes_zero and d.mean > 0 for d in differences)} above with a 95% interval that excludes 0 "
+        f"(MaxBoxAccV2); with one test image = {one_image:.2f} points as the margin, fine-tuned plain CAM is "
+        f"{side(mean_cam, center_v2)} the center baseline and {side(mean_cam, imagenet_v2)} the ImageNet network "
         f"before fine-tuning, which is {side(imagenet_v2, center_v2)} the center baseline.\n")
     return "\n".join(lines)
 
@@ -170,7 +164,7 @@ def main() -> int:
         "Every learning rate, on val (what the choice saw):\n",
         format_table(every, "md"),
     ]
-    section.append(paired_differences(chosen, before["test/maxboxacc_v2"], center_v2, test_count))
+    section.append(paired_section(chosen, before["test/maxboxacc_v2"], center_v2, test_count))
     for picture in pictures:
         name = picture.name
         section.append(f"![{name}](img/{name})\n")
