@@ -57,7 +57,7 @@ class MlflowCallback(Callback):
         self.summary: str | None = None
         self.ended: set[str] = set()  # trials whose run this driver ended
         self.last_steps: dict[str, int] = {}  # trial -> the last epoch this driver saw of it
-        self.configs: dict[str, tuple[str, dict]] = {}  # trial -> (its Tune config as JSON, flattened run config)
+        self.configs: dict[str, dict] = {}  # a Tune config as JSON -> its flattened run config
         self.logged_configs: dict[str, dict] = {}  # trial -> the config its run has (params, then mutations)
 
     _LIVE = ("tracker", "summary", "_filesystem", "ended", "last_steps", "configs", "logged_configs")
@@ -84,13 +84,13 @@ class MlflowCallback(Callback):
 
     # ---- per trial -----------------------------------------------------------------------
 
-    def _config(self, trial) -> dict:
-        """The trial's flattened run config, resolved again only when Tune's config changed (PBT)."""
-        raw = json.dumps(trial.config, sort_keys=True, default=str)
-        known = self.configs.get(trial.trial_id)
-        if known is None or known[0] != raw:
-            known = self.configs[trial.trial_id] = (raw, flatten(resolve(self.spec, trial_values(self.spec, trial.config)).to_dict()))
-        return known[1]
+    def _config(self, trial, tune_config: dict | None = None) -> dict:
+        """The flattened run config of a Tune config (default: the trial's now), resolved once per config."""
+        tune_config = trial.config if tune_config is None else tune_config
+        raw = json.dumps(tune_config, sort_keys=True, default=str)
+        if raw not in self.configs:
+            self.configs[raw] = flatten(resolve(self.spec, trial_values(self.spec, tune_config)).to_dict())
+        return self.configs[raw]
 
     def _start(self, trial):
         known = self.tracker.trials.get(trial.trial_id)
@@ -104,9 +104,13 @@ class MlflowCallback(Callback):
         return self.tracker.start_trial(trial.trial_id, run_name(config, searched), params,
                                         trial_dataset(data, self.checked_data))
 
-    def _mutations(self, trial, step: int) -> None:
-        """PBT changed the trial's config (exploit and explore): log what changed, from this epoch."""
-        before, after = self.logged_configs.get(trial.trial_id), self._config(trial)
+    def _mutations(self, trial, step: int, result: dict) -> None:
+        """PBT changed the trial's config (exploit and explore): log what changed, from the first epoch
+        trained with it. The result's own config is the one its epoch was trained with; the trial's may
+        already be the next one (PBT mutates it when it sees the result, before the callbacks do)."""
+        trained_with = result.get("config")
+        before = self.logged_configs.get(trial.trial_id)
+        after = self._config(trial, trained_with if isinstance(trained_with, dict) else None)
         if before is None or before is after:
             return
         changes = {k: (before.get(k), v) for k, v in after.items()
@@ -138,7 +142,7 @@ class MlflowCallback(Callback):
             if folder is not None:
                 self.tracker.fill_gap(trial.trial_id, step, folder)
         self.last_steps[trial.trial_id] = max(step, last or 0)
-        self._mutations(trial, step)
+        self._mutations(trial, step, result)
         self.tracker.log_metrics(trial.trial_id, logged_metrics(result), step)
         if location is not None:  # multi-worker trials: Ray Train's checkpoint, in the sweep's storage
             self.tracker.log_evaluation(trial.trial_id, location)

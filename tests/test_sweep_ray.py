@@ -199,6 +199,12 @@ def test_population_based_training_exploits_and_mutates_in_process_trials(tmp_pa
             next(m.value for m in history if m.step == 1), rel=1e-5)  # the starting value, as in the params
         last = max(history, key=lambda m: m.step)
         assert last.value == pytest.approx(final_lr[child.data.tags["trial_id"]], rel=1e-5)
+        # each new value at the first epoch trained with it (the lr in that epoch's result)
+        trained = {int(r["epoch"]): r["config"]["grid"]["optim.lr"] for t in trials for r in results(t)
+                   if r["trial_id"] == child.data.tags["trial_id"]}
+        for point in history:
+            if point.step in trained:
+                assert trained[point.step] == pytest.approx(point.value, rel=1e-5)
         assert child.data.tags["mutated.optim.lr"].endswith(f"(epoch {last.step})")
 
 
