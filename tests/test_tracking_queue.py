@@ -252,6 +252,7 @@ def server(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # default: test_tracking.py's server outage and the emulated server restart, every write in order
 def test_a_tracker_past_its_bound_through_a_server_outage_writes_everything_in_order(server, tmp_path,
                                                                                      monkeypatch):
     monkeypatch.setattr(tracking, "MAX_QUEUED_WRITES", 4)
