@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.paired import describe_paired, format_paired, paired_differences  # noqa: E402
+from orchestrator.paired import paired_differences, paired_markdown  # noqa: E402
 from orchestrator.report import _download_overlay, best_and_baseline, mosaic, results_from_mlflow  # noqa: E402
 from orchestrator.spaces import load_space  # noqa: E402
 from orchestrator.table import build_table, format_table  # noqa: E402
@@ -69,7 +69,7 @@ def paired_section(table, imagenet_v2: float, center_v2: float, test_count: int)
     if baseline is None or not paired.comparisons:
         return ""
     lines = ["HaS minus plain CAM, seed by seed (`python -m orchestrator.report`'s paired differences):\n",
-             format_paired(paired, table.columns, "md"), describe_paired(paired) + "\n"]
+             paired_markdown(paired, table.columns)]
     mean_cam = statistics.fmean(baseline.values["maxboxacc_v2"])
     differences = [c.differences["maxboxacc_v2"] for c in paired.comparisons if "maxboxacc_v2" in c.differences]
     one_image = 100 / test_count

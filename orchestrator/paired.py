@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.table import IDENTITY, Row, Table, _shown
+from orchestrator.table import IDENTITY, Row, Table, _shown, render
 
 DEFAULT_BASELINE = {"has.mixture": "none"}  # no hiding, with the same backbone
 LEVEL = 0.95
@@ -178,16 +178,8 @@ def format_paired(paired: Paired, columns: list[str], fmt: str = "text") -> str:
             lines.append(",".join([*c.row.key, str(_seeds(c)), *numbers]))
         return "\n".join(lines) + "\n"
     mark = ("**", "**") if fmt == "md" else ("", " *")
-    grid = [[*c.row.key, str(_seeds(c)), *(_cell(c.differences.get(m), mark) for m, _ in paired.metrics)]
-            for c in paired.comparisons]
-    if fmt == "md":
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return "\n".join(lines + ["| " + " | ".join(line) + " |" for line in grid]) + "\n"
-    grid.insert(0, header)
-    widths = [max(len(line[i]) for line in grid) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in grid]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines) + "\n"
+    return render(header, [[*c.row.key, str(_seeds(c)), *(_cell(c.differences.get(m), mark) for m, _ in paired.metrics)]
+                           for c in paired.comparisons], fmt)
 
 
 def _seeds(comparison: Comparison) -> int:
@@ -233,6 +225,11 @@ def plot_paired(paired: Paired, columns: list[str], path: Path) -> Path | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     return path
+
+
+def paired_markdown(paired: Paired, columns: list[str]) -> str:
+    """The md table and, under it, the line that says how to read it."""
+    return f"{format_paired(paired, columns, 'md')}\n{describe_paired(paired)}\n"
 
 
 def paired_report(table: Table, baseline: Mapping[str, str] | None = None) -> str:

@@ -17,7 +17,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from orchestrator.paired import describe_paired, format_paired, paired_differences, paired_report, parse_baseline, plot_paired
+from orchestrator.paired import (
+    format_paired, paired_differences, paired_markdown, paired_report, parse_baseline, plot_paired,
+)
 from orchestrator.table import COLUMNS, Table, TrialResult, build_table, describe, format_table
 from orchestrator.tracking import ROLE_TAG, SWEEP_ID_TAG, SWEEP_TAG, TRIAL_TAG
 
@@ -189,7 +191,7 @@ def write_report(table: Table, folder: Path, baseline: dict[str, str] | None = N
         written["plot"] = plot
     paired = paired_differences(table, baseline)
     if paired.comparisons:
-        (folder / "paired.md").write_text(format_paired(paired, table.columns, "md") + f"\n{describe_paired(paired)}\n")
+        (folder / "paired.md").write_text(paired_markdown(paired, table.columns))
         (folder / "paired.csv").write_text(format_paired(paired, table.columns, "csv"))
         written["paired_md"], written["paired_csv"] = folder / "paired.md", folder / "paired.csv"
         written["paired_plot"] = plot_paired(paired, table.columns, folder / "paired_differences.png")
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.format == "md":
         paired = paired_differences(table, baseline)
         if paired.comparisons:
-            print("\n" + format_paired(paired, table.columns, "md") + f"\n{describe_paired(paired)}")
+            print("\n" + paired_markdown(paired, table.columns), end="")
     if args.out:
         written = write_report(table, Path(args.out), baseline)
         pair = best_and_baseline(table, metric)

@@ -163,11 +163,16 @@ def format_table(table: Table, fmt: str = "text") -> str:
         body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in cells(row, ("<b>", "</b>"))) + "</tr>"
                        for row in table.rows)
         return f"<table>\n<tr>{head}</tr>\n{body}\n</table>\n"
+    mark = ("**", "**") if fmt == "md" else ("", " *")
+    return render(header, [cells(row, mark) for row in table.rows], fmt)
+
+
+def render(header: list[str], rows: list[list[str]], fmt: str = "text") -> str:
+    """Rows of cells under a header: a markdown table (md), or columns padded to their widest cell (text)."""
     if fmt == "md":
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(cells(row, ("**", "**"))) + " |" for row in table.rows]
-        return "\n".join(lines) + "\n"
-    grid = [header] + [cells(row, ("", " *")) for row in table.rows]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+    grid = [header, *rows]
     widths = [max(len(line[i]) for line in grid) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in grid]
     lines.insert(1, "  ".join("-" * w for w in widths))

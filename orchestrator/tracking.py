@@ -173,7 +173,7 @@ class SweepTracker:
         self._dataset_lock = threading.Lock()
         self._model_lock = threading.Lock()  # mlflow.pytorch.log_model uses the process's tracking URI
         # The format is chosen on purpose (see _log_logged_model): not a warning per trial.
-        logging.getLogger("mlflow.pytorch").addFilter(_PickleNotice())
+        logging.getLogger("mlflow.pytorch").addFilter(_PICKLE_NOTICE)  # one filter, however many trackers
         self._fetches: dict[str, tuple[Future, Callable[[], Path]]] = {}  # copies still being fetched, or failed
         self._gap_filesystems: dict[str, object] = {}  # trial -> the filesystem of its checkpoints (fill_gap)
         self.writer = ResilientWriter(spill_dir, threads=1 if is_local_uri(tracking_uri) else WRITER_THREADS,
@@ -589,6 +589,9 @@ def _result_or_again(future, again):
 class _PickleNotice(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "Pickle or CloudPickle" not in record.getMessage()
+
+
+_PICKLE_NOTICE = _PickleNotice()
 
 
 def _number(text: str) -> float | None:

@@ -19,7 +19,7 @@ from orchestrator.table import TrialResult, build_table, describe, format_table
 from orchestrator.dataset_input import trial_dataset
 from orchestrator.run_names import run_name
 from orchestrator.tracking import ROLE_TAG, TRIAL_TAG, URI_ENV, SweepTracker, versions
-from trainers.config_parse import flatten
+from trainers.config_parse import flatten, set_dotted
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,9 @@ class MlflowCallback(Callback):
             return known
         config = self.logged_configs[trial.trial_id] = self._config(trial)
         params = {k: v for k, v in config.items() if k not in ("output_dir", "progress")}
-        data = {k.split(".", 1)[1]: v for k, v in config.items() if k.startswith("data.") and not k.startswith("data.synthetic.")}
-        data["synthetic"] = {k.split(".", 2)[2]: v for k, v in config.items() if k.startswith("data.synthetic.")}
+        data: dict = {}
+        for key in (k for k in config if k.startswith("data.")):
+            set_dotted(data, key.removeprefix("data."), config[key])
         searched = [*self.spec.shown_keys, *self.spec.random_keys]
         return self.tracker.start_trial(trial.trial_id, run_name(config, searched), params,
                                         trial_dataset(data, self.checked_data))

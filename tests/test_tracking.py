@@ -81,13 +81,19 @@ def run_sweep(tracker: SweepTracker, config: RunConfig, folders, epochs=(1, 2)) 
     return results
 
 
-def test_one_parent_one_child_per_trial_with_params_metrics_and_artifacts(server, checkpoints, tmp_path):
+def tracked_sweep(server, name: str, checkpoints, tmp_path):
+    """run_sweep under `name` through a SweepTracker, every write made: the client and the experiment."""
     config, folders = checkpoints
-    tracker = SweepTracker(server.uri, "structure", tmp_path / "spill")
+    tracker = SweepTracker(server.uri, name, tmp_path / "spill")
     run_sweep(tracker, config, folders)
     assert tracker.end_sweep() is None
     client = MlflowClient(server.uri)
-    experiment = client.get_experiment_by_name("structure")
+    return client, client.get_experiment_by_name(name)
+
+
+def test_one_parent_one_child_per_trial_with_params_metrics_and_artifacts(server, checkpoints, tmp_path):
+    config, folders = checkpoints
+    client, experiment = tracked_sweep(server, "structure", checkpoints, tmp_path)
     # a model-training experiment: MLflow 3's UI opens it with runs and charts, not its GenAI layout
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([experiment.experiment_id])
@@ -129,11 +135,8 @@ def test_the_final_model_is_an_mlflow_logged_model_linked_to_its_metrics_and_reg
     import mlflow.pytorch
 
     config, folders = checkpoints
-    tracker = SweepTracker(server.uri, "models", tmp_path / "spill")
-    run_sweep(tracker, config, folders)
-    assert tracker.end_sweep() is None
-    client = MlflowClient(server.uri)
-    experiment = client.get_experiment_by_name("models").experiment_id
+    client, found = tracked_sweep(server, "models", checkpoints, tmp_path)
+    experiment = found.experiment_id
     children = {r.data.tags["trial_id"]: r for r in client.search_runs([experiment], "tags.`has_sweep.role` = 'trial'")}
     models = client.search_logged_models([experiment])
     assert sorted(m.source_run_id for m in models) == sorted(r.info.run_id for r in children.values())  # one each
