@@ -165,6 +165,11 @@ def main() -> int:
         format_table(every, "md"),
     ]
     section.append(paired_section(chosen, before["test/maxboxacc_v2"], center_v2, test_count))
+    rates = sorted(spec.domains["optim.lr"].values)
+    at_edge = sum(row.members[0].config.get("optim.lr") in (rates[0], rates[-1]) for row in chosen.rows) if len(rates) > 1 else 0
+    if at_edge:
+        section.append(f"The rate chosen on val is at an end of the grid ({', '.join(map(str, rates))}) for "
+                       f"{at_edge} of {len(chosen.rows)} methods: a wider grid may still move these numbers.\n")
     for picture in pictures:
         name = picture.name
         section.append(f"![{name}](img/{name})\n")
