@@ -1,19 +1,22 @@
 """MaxBoxAccV2 speed: ours vs the tests' straight reimplementation of the wsolevaluation evaluator.
 
-    python benchmarks/bench_max_box_acc.py [--count 500] [--size 224] [--interval 0.001] [--workers 2]
+    python benchmarks/bench_max_box_acc.py [--count 500] [--size 224] [--intervals 0.001,0.01] [--workers 2]
 
 The CAMs are smooth maps like real ones (upsampled noise, blobs, rings, border blobs, plateaus);
-both implementations get the same CAMs and must return identical numbers.
+every implementation gets the same CAMs and must return identical numbers. The reference computes
+V2's curve only; ours compute V2's and V1's curves and the per-image boxes.
 """
 from __future__ import annotations
 
 import argparse
 import time
 
+import numpy as np
+
 import _timing  # noqa: F401 - puts tests/ on the path
 from cam_samples import sample_cams
-from trainers.boxes import cam_thresholds
-from trainers.localize import BoxCurves, check_gt_boxes, max_box_acc, quantize_cams, summarize_curves
+from trainers.boxes import box_curves, cam_thresholds
+from trainers.localize import BoxCurves, check_gt_boxes, quantize_cams, summarize_curves
 from wsol_reference import reference_max_box_acc
 
 REALISTIC_KINDS = ("noise", "blobs", "ring", "border", "plateaus")
@@ -29,32 +32,46 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=500)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--interval", type=float, default=0.001)
+    parser.add_argument("--intervals", default="0.001,0.01")
     parser.add_argument("--workers", type=int, default=2, help="processes of the parallel mode")
     args = parser.parse_args()
     cams, boxes = sample_cams(args.count, args.size, args.size, seed=0, kinds=REALISTIC_KINDS)
-    print(f"{args.count} CAMs {args.size}x{args.size}, interval {args.interval}, MaxBoxAccV2 (all contours)")
-    ours, t_ours = timed(lambda: max_box_acc(cams, boxes, interval=args.interval))
-    # The parallel mode keeps its worker processes: start them once (spawned, so they pay their own
-    # imports), then time the evaluation itself.
-    thresholds = cam_thresholds(args.interval)
-    runner = BoxCurves(thresholds, workers=args.workers)
-    warm = 4 * args.workers
-    _, t_start = timed(lambda: runner(quantize_cams(cams[:warm]), check_gt_boxes(boxes[:warm], warm)))
-    curves, t_parallel = timed(lambda: runner(quantize_cams(cams), check_gt_boxes(boxes, len(cams))))
-    runner.close()
-    parallel = summarize_curves(curves[0], thresholds, (0.3, 0.5, 0.7))
-    reference, t_reference = timed(lambda: reference_max_box_acc(cams, boxes, interval=args.interval))
-    same = {d: ours[d] for d in (0.3, 0.5, 0.7)} == reference and parallel == ours
-    print(f"numbers: ours {[ours[d] for d in (0.3, 0.5, 0.7)]}, reference {list(reference.values())}, "
-          f"identical: {same}")
-    print("| implementation | seconds | ms / CAM | speed-up vs reference |")
-    print("|---|---|---|---|")
-    for name, seconds in (("reference (per threshold findContours)", t_reference),
-                          ("ours, one process", t_ours),
-                          (f"ours, {args.workers} processes (after a {t_start:.1f} s start)", t_parallel)):
-        print(f"| {name} | {seconds:.2f} | {seconds / args.count * 1e3:.1f} | {t_reference / seconds:.1f}x |")
-    if not same:
+    maps, gts = quantize_cams(cams), check_gt_boxes(boxes, len(cams))
+    _, t_first = timed(lambda: box_curves(maps[:1], gts[:1], cam_thresholds(0.01)))  # numba: load or compile
+    print(f"{args.count} CAMs {args.size}x{args.size}; first call of the tree method in this process "
+          f"(numba's cache load, or its compilation on a cold cache): {t_first:.2f} s")
+    print("| interval | implementation | seconds | ms / CAM | speed-up vs reference |")
+    print("|---|---|---|---|---|")
+    failed = False
+    for interval in (float(v) for v in args.intervals.split(",")):
+        thresholds = cam_thresholds(interval)
+        tree, t_tree = timed(lambda: box_curves(maps, gts, thresholds, "tree"))
+        traced, t_traced = timed(lambda: box_curves(maps, gts, thresholds, "traced"))
+        auto, t_auto = timed(lambda: box_curves(maps, gts, thresholds, "auto"))
+        # The parallel mode keeps its worker processes: start them once (spawned, so they pay their
+        # own imports), then time the evaluation itself.
+        runner = BoxCurves(thresholds, workers=args.workers)
+        warm = 4 * args.workers
+        _, t_start = timed(lambda: runner(maps[:warm], gts[:warm]))
+        parallel, t_parallel = timed(lambda: runner(maps, gts))
+        runner.close()
+        reference, t_reference = timed(lambda: reference_max_box_acc(cams, boxes, interval=interval))
+        ours = summarize_curves(tree[0], thresholds, (0.3, 0.5, 0.7))
+        same = ({d: ours[d] for d in (0.3, 0.5, 0.7)} == reference
+                and all(np.array_equal(a, b) for a, b in zip(tree, traced))
+                and all(np.array_equal(a, b) for a, b in zip(tree, auto))
+                and all(np.array_equal(a, b) for a, b in zip(tree, parallel)))
+        failed |= not same
+        for name, seconds in (("reference (per threshold findContours, V2 only)", t_reference),
+                              ("traced (findContours per distinct map), one process", t_traced),
+                              ("tree (contour-free), one process", t_tree),
+                              ("auto (the default: tree from 150 distinct maps), one process", t_auto),
+                              (f"auto, {args.workers} processes (after a {t_start:.1f} s start)", t_parallel)):
+            print(f"| {interval} | {name} | {seconds:.2f} | {seconds / args.count * 1e3:.2f} | "
+                  f"{t_reference / seconds:.1f}x |")
+        print(f"| {interval} | numbers (V2 at IoU 0.3, 0.5, 0.7) | {[ours[d] for d in (0.3, 0.5, 0.7)]} | "
+              f"identical to the reference, V1 and boxes to traced: {same} | |")
+    if failed:
         raise SystemExit("the numbers differ")
 
 

@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=["off", "bf16"], default="off")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (timed after its warm-up)")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed sample")
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
@@ -37,6 +38,7 @@ def main() -> None:
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    forward = torch.compile(model) if args.compile else model
     images = torch.randn(args.batch, 3, args.size, args.size, device=device)  # NCHW, as normalised by the engine
     labels = torch.randint(0, args.classes, (args.batch,), device=device)
     # The paper's mixture, its sizes scaled from 224 crops to this input.
@@ -49,7 +51,7 @@ def main() -> None:
             # As the engine does it: hide the NCHW batch, then change the layout (both paths).
             batch = (hider(images) if hide else images).contiguous(memory_format=memory_format)
             with autocast():
-                loss = F.cross_entropy(model(batch), labels)
+                loss = F.cross_entropy(forward(batch), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -60,7 +62,7 @@ def main() -> None:
     hiding = interleaved_medians({"hide": lambda: [hider(images) for _ in range(args.steps)]}, args.repeats, sync)
     per_second = {k: args.batch * args.steps / v for k, v in times.items()}
     print(f"{args.backbone} {args.size}x{args.size} batch {args.batch} on {device} amp {args.amp} "
-          f"channels_last {args.channels_last} threads {torch.get_num_threads()} mixture {sorted(mixture)}")
+          f"channels_last {args.channels_last} compile {args.compile} threads {torch.get_num_threads()} mixture {sorted(mixture)}")
     print("| HaS | images/s | step (ms) |")
     print("|---|---|---|")
     for key in ("off", "on"):

@@ -20,8 +20,12 @@ def reference_iou(box: list[int], gt: list[int]) -> float:
 
 def reference_boxes(scoremap: np.ndarray, threshold: float, multi_contour: bool) -> list[list[int]]:
     """Boxes of the contours of the uint8 map thresholded at int(threshold * max)."""
-    height, width = scoremap.shape
-    image = (scoremap * 255).astype(np.uint8)
+    return reference_boxes_u8((scoremap * 255).astype(np.uint8), threshold, multi_contour)
+
+
+def reference_boxes_u8(image: np.ndarray, threshold: float, multi_contour: bool) -> list[list[int]]:
+    """The same from a map already in uint8, in OpenCV's contour order."""
+    height, width = image.shape
     _, binary = cv2.threshold(image, int(threshold * np.max(image)), 255, cv2.THRESH_BINARY)
     contours = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0]
     if len(contours) == 0:
@@ -33,6 +37,22 @@ def reference_boxes(scoremap: np.ndarray, threshold: float, multi_contour: bool)
         x, y, w, h = cv2.boundingRect(contour)
         boxes.append([x, y, min(x + w, width - 1), min(y + h, height - 1)])
     return boxes
+
+
+def reference_curve_u8(image: np.ndarray, gts, thresholds):
+    """Per threshold: the best IoU of any contour box, that box (the first in OpenCV's order of the
+    equally good ones), and the IoU of the largest contour's box."""
+    gts = [[int(v) for v in gt] for gt in np.asarray(gts).reshape(-1, 4)]
+    iou_all, box_all, iou_largest = [], [], []
+    for threshold in thresholds:
+        boxes = reference_boxes_u8(image, threshold, True)
+        ious = [max(reference_iou(box, gt) for gt in gts) for box in boxes]
+        best = max(ious)
+        iou_all.append(best)
+        box_all.append(boxes[ious.index(best)])
+        largest = reference_boxes_u8(image, threshold, False)[0]
+        iou_largest.append(max(reference_iou(largest, gt) for gt in gts))
+    return iou_all, box_all, iou_largest
 
 
 def reference_best_ious(cam, gts, interval=0.01, multi_contour=True) -> list[float]:

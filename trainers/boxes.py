@@ -1,12 +1,12 @@
-"""Boxes from CAMs: the wsolevaluation contour protocol, computed once per distinct binary map.
+"""Boxes from CAMs: the wsolevaluation contour protocol at every threshold of a CAM's curve.
 
 The published evaluator thresholds the uint8 CAM at `int(tau * max)` for every tau of the curve
 (100 or 1000 of them) and runs OpenCV's findContours each time. A uint8 map has at most 256
 distinct values, and two cut-offs with no pixel value between them give the same binary map and
-so the same boxes: here findContours runs once per distinct map, on the smallest window that
-holds its foreground, and the boxes, areas and IoUs of all contours of all maps of an image are
-computed in one vectorised pass. The numbers are identical to the published protocol
-(tests/test_localize_reference.py checks it against a straight reimplementation).
+so the same boxes (`distinct_maps`). The boxes of all those maps come from union-find passes over
+the CAM (trainers.boxes_tree, the default), or from findContours once per distinct map
+(`traced_level_boxes`, on the smallest window that holds its foreground). Both are identical to
+the published protocol (tests/test_localize_reference.py, tests/test_boxes_tree.py).
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from trainers.boxes_tree import level_boxes
 
 EMPTY_BOX = np.zeros(4, dtype=np.int64)  # the protocol's box when a map has no contour
 
@@ -48,15 +50,63 @@ class BoxCurve:
     iou_largest: np.ndarray  # (T,) float64 IoU of the largest contour's box (MaxBoxAcc)
 
 
-def box_curve(scoremap_u8: np.ndarray, gt_boxes: np.ndarray, thresholds: np.ndarray) -> BoxCurve:
-    """Boxes and IoUs of one uint8 CAM at every threshold; `gt_boxes` is (k, 4) in the CAM's frame."""
-    height, width = scoremap_u8.shape
+# Below this many distinct binary maps, findContours per map costs less than the tree's fixed
+# passes (224 px CAMs, benchmarks/bench_max_box_acc.py: ~45 us a map against ~6 ms a CAM).
+TREE_FROM_MAPS = 150
+
+
+def box_curve(scoremap_u8: np.ndarray, gt_boxes: np.ndarray, thresholds: np.ndarray,
+              method: str = "auto") -> BoxCurve:
+    """Boxes and IoUs of one uint8 CAM at every threshold; `gt_boxes` is (k, 4) in the CAM's frame.
+
+    method "tree": the contour-free union-find passes of trainers.boxes_tree (levels where two
+    different boxes tie for the best IoU inside a hole are traced, for OpenCV's order); "traced":
+    findContours once per distinct binary map; "auto": tree from TREE_FROM_MAPS distinct maps on.
+    All give the protocol's numbers and boxes exactly.
+    """
+    gt_boxes = np.asarray(gt_boxes, dtype=np.int64).reshape(-1, 4)
+    values, map_of_threshold = distinct_maps(scoremap_u8, thresholds)
+    n_maps = len(values) + 1  # + the empty map, last
+    iou_all, iou_largest = np.empty(n_maps), np.empty(n_maps)
+    box_all = np.tile(EMPTY_BOX, (n_maps, 1))
+    iou_all[-1] = iou_largest[-1] = box_iou(EMPTY_BOX, gt_boxes).max()
+    if method == "auto":
+        method = "tree" if len(values) >= TREE_FROM_MAPS else "traced"
+    if len(values):
+        if method == "tree":
+            iou, box, largest, tied = level_boxes(scoremap_u8, values, gt_boxes)
+            if tied.any():
+                box[tied] = traced_level_boxes(scoremap_u8, values[tied], gt_boxes)[1]
+        elif method == "traced":
+            iou, box, largest = traced_level_boxes(scoremap_u8, values, gt_boxes)
+        else:
+            raise ValueError(f"method: {method!r} is not allowed; 'auto', 'tree' or 'traced'")
+        iou_all[:-1], box_all[:-1], iou_largest[:-1] = iou, box, largest
+    return BoxCurve(iou_all[map_of_threshold], box_all[map_of_threshold], iou_largest[map_of_threshold])
+
+
+def distinct_maps(scoremap_u8: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct non-empty binary maps of the curve as their lowest pixel value v (foreground =
+    pixels >= v, ascending), and per threshold the index of its map (len(values): the empty map).
+
+    The protocol's foreground at threshold tau is pixels > int(tau * max); two cut-offs with no
+    pixel value between them give the same map.
+    """
     cutoffs = (thresholds * scoremap_u8.max()).astype(np.int64)  # int(tau * max), tau >= 0
     levels = np.flatnonzero(np.bincount(scoremap_u8.ravel(), minlength=256))  # distinct values, ascending
-    # Foreground at cut-off c = pixels > c = pixels whose level index >= key(c): equal keys, equal maps.
-    keys, key_of_threshold = np.unique(np.searchsorted(levels, cutoffs, side="right"), return_inverse=True)
-    keys = keys[keys < len(levels)]  # a key past the last level is the empty map: no contour
-    values = levels[keys]
+    # Foreground at cut-off c = pixels whose level index >= key(c): equal keys, equal maps.
+    keys, map_of_threshold = np.unique(np.searchsorted(levels, cutoffs, side="right"), return_inverse=True)
+    keys = keys[keys < len(levels)]  # a key past the last level is the empty map, sorted last
+    return levels[keys], map_of_threshold
+
+
+def traced_level_boxes(scoremap_u8: np.ndarray, values: np.ndarray, gt_boxes: np.ndarray):
+    """Per level v of `values` (ascending, each a pixel value): the best IoU of a contour box of
+    {map >= v} and that box (the first in OpenCV's order on ties), and the largest contour's IoU.
+
+    findContours runs once per level, on the smallest window that holds its foreground.
+    """
+    height, width = scoremap_u8.shape
     y0, y1 = _span_of_values(scoremap_u8.max(axis=1), values)
     x0, x1 = _span_of_values(scoremap_u8.max(axis=0), values)
     # A window one pixel wider than the foreground: the scan order, and so the contours and their
@@ -70,28 +120,19 @@ def box_curve(scoremap_u8: np.ndarray, gt_boxes: np.ndarray, thresholds: np.ndar
         window = (scoremap_u8[top:bottom, left:right] >= value).view(np.uint8)
         found = cv2.findContours(window, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]
         contours.extend(found)
-        counts.append(len(found))
-    n_maps = len(keys) + 1  # + the empty map, last
-    counts = np.array(counts + [0], dtype=np.int64)
-    origins = np.stack([np.append(x0, 0), np.append(y0, 0)], axis=1)
-
-    iou_all = np.zeros(n_maps)
+        counts.append(len(found))  # >= 1: every level is a pixel value, so its map is not empty
+    counts = np.array(counts, dtype=np.int64)
+    origins = np.stack([x0, y0], axis=1)
+    n_maps = len(values)
+    iou_all, iou_largest = np.zeros(n_maps), np.zeros(n_maps)
     box_all = np.tile(EMPTY_BOX, (n_maps, 1))
-    iou_largest = np.zeros(n_maps)
-    empty = counts == 0
-    if empty.any():
-        iou_empty = box_iou(EMPTY_BOX, gt_boxes).max()
-        iou_all[empty] = iou_empty
-        iou_largest[empty] = iou_empty
-    if contours:
-        _contour_results(contours, counts, origins, gt_boxes, width, height, iou_all, box_all, iou_largest)
-    # key_of_threshold indexes the sorted distinct keys; the empty map's key (if any) sorts last.
-    return BoxCurve(iou_all[key_of_threshold], box_all[key_of_threshold], iou_largest[key_of_threshold])
+    _contour_results(contours, counts, origins, gt_boxes, width, height, iou_all, box_all, iou_largest)
+    return iou_all, box_all, iou_largest
 
 
-def box_curves(maps: np.ndarray, gt_boxes: list[np.ndarray], thresholds: np.ndarray):
+def box_curves(maps: np.ndarray, gt_boxes: list[np.ndarray], thresholds: np.ndarray, method: str = "auto"):
     """(iou_all (N, T), box_all (N, T, 4), iou_largest (N, T)) of uint8 maps (N, H, W)."""
-    curves = [box_curve(m, g, thresholds) for m, g in zip(maps, gt_boxes)]
+    curves = [box_curve(m, g, thresholds, method) for m, g in zip(maps, gt_boxes)]
     return (np.stack([c.iou_all for c in curves]), np.stack([c.box_all for c in curves]),
             np.stack([c.iou_largest for c in curves]))
 

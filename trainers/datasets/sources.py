@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from trainers.datasets.decode import decode_train_crop
 from trainers.datasets.transforms import (ResizeMode, apply_geometry, eval_geometry, map_mask, sample_seed,
                                           train_geometry)
 
@@ -105,14 +106,17 @@ class FolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        image = decode_rgb(self.root / record.image_id)
-        height, width = image.shape[1:]
-        if self.train:
+        if self.train:  # decoded at the detail the crop keeps, only the crop resampled (decode.py)
             generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
-            geometry = train_geometry(width, height, self.resize, self.crop, generator, self.resize_mode)
+            image, geometry = decode_train_crop(
+                self.root / record.image_id,
+                lambda width, height: train_geometry(width, height, self.resize, self.crop, generator, self.resize_mode),
+            )
         else:
-            geometry = eval_geometry(width, height, self.crop)
-        sample = {"image": apply_geometry(image, geometry), "label": record.label, "index": index}
+            image = decode_rgb(self.root / record.image_id)
+            geometry = eval_geometry(image.shape[2], image.shape[1], self.crop)
+            image = apply_geometry(image, geometry)
+        sample = {"image": image, "label": record.label, "index": index}
         if record.boxes:
             sample["boxes"] = geometry.map_boxes(np.array(record.boxes))
         if record.mask_paths:

@@ -1,0 +1,170 @@
+"""The contour-free box curves give the published protocol's IoUs and boxes at every threshold.
+
+Each case is checked threshold by threshold against tests/wsol_reference.py (OpenCV's threshold and
+findContours per threshold, as wsolevaluation), on realistic CAMs and on maps built to break a
+union-find: plateaus, one-pixel lines, diagonal-only links, nested holes, maps touching the border,
+single pixels, ties between different boxes.
+"""
+import cv2
+import numpy as np
+import pytest
+
+from cam_samples import sample_boxes, sample_cams
+from trainers.boxes import box_curve, cam_thresholds, distinct_maps
+from trainers.boxes_tree import fill_holes, level_boxes, upper_components
+from trainers.localize import quantize_cams
+from wsol_reference import reference_boxes_u8, reference_curve_u8
+
+ADVERSARIAL = ("noise", "lines", "diagonal", "nested", "border", "sparse", "mirrored")
+
+
+def adversarial_map(kind: str, rng: np.random.Generator) -> np.ndarray:
+    height, width = (int(v) for v in rng.integers(1, 25, 2))
+    top = int(rng.choice([1, 2, 3, 7, 255]))
+    image = np.zeros((height, width), dtype=np.int64)
+    if kind == "noise":  # plateaus of a few values, every connectivity case
+        image = rng.integers(0, top + 1, (height, width))
+    elif kind == "lines":  # one-pixel lines: horizontal, vertical, diagonal
+        for _ in range(int(rng.integers(1, 6))):
+            y, x = int(rng.integers(0, height)), int(rng.integers(0, width))
+            dy, dx = [(0, 1), (1, 0), (1, 1), (1, -1)][int(rng.integers(0, 4))]
+            value = int(rng.integers(1, top + 1))
+            while 0 <= y < height and 0 <= x < width and rng.random() < 0.9:
+                image[y, x] = value
+                y, x = y + dy, x + dx
+    elif kind == "diagonal":  # pixels linked only through their corners
+        ys, xs = np.mgrid[0:height, 0:width]
+        image = ((ys + xs) % 2 == 0) * rng.integers(1, top + 1, (height, width))
+        image[rng.random((height, width)) < 0.2] = 0
+    elif kind == "nested":  # rings inside holes inside rings
+        ys, xs = np.mgrid[0:height, 0:width]
+        ring = np.minimum(np.minimum(ys, height - 1 - ys), np.minimum(xs, width - 1 - xs))
+        values = rng.integers(0, top + 1, int(ring.max()) + 1)
+        values[1::2] = 0
+        image = values[ring]
+    elif kind == "border":  # blocks on the edges
+        for _ in range(int(rng.integers(1, 5))):
+            y0, x0 = int(rng.integers(0, height)), int(rng.choice([0, max(width - 3, 0)]))
+            image[y0:y0 + int(rng.integers(1, 6)), x0:x0 + 3] = int(rng.integers(1, top + 1))
+    elif kind == "sparse":  # isolated pixels: contours of area 0, order decides the largest
+        image[rng.random((height, width)) < 0.15] = rng.integers(1, top + 1)
+    elif kind == "mirrored":  # a map and its mirror image: equal IoUs of different boxes
+        half = rng.integers(0, top + 1, (height, max(width // 2, 1))) * (rng.random((height, max(width // 2, 1))) < 0.4)
+        image = np.concatenate([half, half[:, ::-1]], axis=1)
+    return image.astype(np.uint8)
+
+
+def check_against_reference(image, gt, thresholds):
+    curve = box_curve(image, gt, thresholds, method="tree")
+    iou_all, box_all, iou_largest = reference_curve_u8(image, gt, thresholds)
+    assert curve.iou_all.tolist() == iou_all
+    assert curve.box_all.tolist() == box_all
+    assert curve.iou_largest.tolist() == iou_largest
+
+
+@pytest.mark.parametrize("kind", ADVERSARIAL)
+def test_adversarial_maps_match_the_reference_at_every_threshold(kind):
+    rng = np.random.default_rng(ADVERSARIAL.index(kind))
+    thresholds = cam_thresholds(0.01)
+    for case in range(60):
+        image = adversarial_map(kind, rng)
+        gt = sample_boxes(rng, *image.shape)
+        if kind == "mirrored":  # a box centred on the mirror line: the two halves tie
+            height, width = image.shape
+            gt = np.array([[width // 2 - 1 - case % 3, 0, width - width // 2 + case % 3, height - 1]]).clip(0, max(width - 1, 0))
+        check_against_reference(image, gt, thresholds)
+
+
+def test_realistic_cams_match_the_reference_at_one_thousandth():
+    cams, gts = sample_cams(27, 48, 48, seed=11)
+    thresholds = cam_thresholds(0.001)
+    for image, gt in zip(quantize_cams(cams), gts):
+        check_against_reference(image, gt, thresholds)
+
+
+def test_full_size_cams_match_the_traced_contours():
+    # 224 x 224 at every threshold is slow for the per-threshold reference; the traced method runs
+    # findContours once per distinct map and is itself checked against the reference.
+    cams, gts = sample_cams(18, 224, 224, seed=12)
+    thresholds = cam_thresholds(0.001)
+    for image, gt in zip(quantize_cams(cams), gts):
+        tree, traced = box_curve(image, gt, thresholds, method="tree"), box_curve(image, gt, thresholds, method="traced")
+        assert tree.iou_all.tolist() == traced.iou_all.tolist()
+        assert tree.box_all.tolist() == traced.box_all.tolist()
+        assert tree.iou_largest.tolist() == traced.iou_largest.tolist()
+
+
+def test_fill_holes_by_hand():
+    # A ring of 5 around a 0 centre, on a background of 1: the centre reaches the edge only over
+    # the ring (its fill is 5); the 2 inside the ring is raised to 5 too; the rest keeps its value.
+    image = np.array([
+        [1, 1, 1, 1, 1],
+        [1, 5, 5, 5, 1],
+        [1, 5, 0, 5, 1],
+        [1, 5, 2, 5, 3],
+        [1, 5, 5, 5, 1],
+    ], dtype=np.uint8)
+    filled = image.copy()
+    filled[2:4, 2] = 5
+    assert fill_holes(image).tolist() == filled.tolist()
+    # Diagonal gaps do not let the background out (it is 4-connected): a diamond of 9 keeps its 0.
+    diamond = np.zeros((5, 5), dtype=np.uint8)
+    for y, x in [(1, 2), (2, 1), (2, 3), (3, 2)]:
+        diamond[y, x] = 9
+    assert fill_holes(diamond)[2, 2] == 9
+
+
+def cell_area(inside: np.ndarray) -> float:
+    """Unit cells between four pixel centres: 1 with all four corners inside, 1/2 with three."""
+    corners = inside[:-1, :-1].astype(int) + inside[1:, :-1] + inside[:-1, 1:] + inside[1:, 1:]
+    return float((corners == 4).sum() + 0.5 * (corners == 3).sum())
+
+
+def test_largest_component_is_opencvs_largest_contour():
+    # The cell area of the component with its holes filled is cv2.contourArea's polygon area of its
+    # outer border; the box of the largest (the last in raster order on ties) is OpenCV's choice.
+    rng = np.random.default_rng(13)
+    single = 0
+    for kind in ADVERSARIAL * 20:
+        binary = (adversarial_map(kind, rng) > 0).astype(np.uint8)
+        if not binary.any():
+            continue
+        contours, hierarchy = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2:]
+        outer = [c for c, h in zip(contours, hierarchy[0]) if h[3] < 0]
+        if len(outer) == 1:
+            single += 1
+            assert cv2.contourArea(outer[0]) == cell_area(fill_holes(binary) > 0), kind
+        box = upper_components(fill_holes(binary), fill_holes(binary), np.array([1]), np.zeros((1, 4), dtype=np.int64), False, True)[4]
+        assert box[0].tolist() == reference_boxes_u8(binary, 0.0, multi_contour=False)[0], kind
+    assert single > 20
+
+
+def test_tied_boxes_are_ordered_as_opencv_lists_them():
+    # Two equal blocks, mirror images of each other; the ground truth overlaps each protocol box
+    # ([1, 2, 4, 5] and [8, 2, 11, 5]) by 2 x 3 pixels: equal IoUs, different boxes. OpenCV lists
+    # outer contours in reverse raster order of their first pixel: the right-hand block comes first,
+    # decided without tracing.
+    image = np.zeros((8, 12), dtype=np.uint8)
+    image[2:5, 1:4] = 200
+    image[2:5, 8:11] = 200
+    gt = np.array([[3, 2, 9, 4]])
+    values, _ = distinct_maps(image, cam_thresholds(0.5))
+    iou, box, _, tied = level_boxes(image, values, gt)
+    assert tied.tolist() == [False] and iou.tolist() == [6 / 31] and box.tolist() == [[8, 2, 11, 5]]
+    assert box_curve(image, gt, cam_thresholds(0.5), method="tree").box_all.tolist() == [[8, 2, 11, 5], [8, 2, 11, 5]]
+
+
+def test_ties_inside_a_hole_are_traced():
+    # A ring with a block in its hole, a ground-truth box far from both: IoU 0 for the ring, its
+    # hole and the block. The block is nested (its first pixel's upper neighbour is in the hole),
+    # so which box OpenCV lists first is left to findContours: the ring's outer border.
+    image = np.zeros((16, 16), dtype=np.uint8)
+    image[1:12, 1:12] = 100
+    image[3:10, 3:10] = 0
+    image[5:8, 5:8] = 100
+    gt = np.array([[14, 14, 15, 15]])
+    values, _ = distinct_maps(image, cam_thresholds(0.5))
+    tied = level_boxes(image, values, gt)[3]
+    assert tied.tolist() == [True]
+    check_against_reference(image, gt, cam_thresholds(0.5))
+    assert box_curve(image, gt, cam_thresholds(0.5), method="tree").box_all[0].tolist() == [1, 1, 12, 12]

@@ -1,0 +1,49 @@
+"""The training image path, made cheap: decode only the detail the crop keeps, resample only the crop.
+
+The geometry (trainers.datasets.transforms: resize, random crop, flip, and how boxes map) is drawn
+exactly as before, from the image's size, which Pillow reads from the header without decoding.
+Then:
+
+- a JPEG is decoded by libjpeg-turbo at 1/2, 1/4 or 1/8 of its size (scaled inverse DCT, Pillow's
+  `draft`) when that is still at least the resized size, so no detail the network sees is lost;
+- only the crop window is resampled (Pillow's `resize(box=...)`: the same bilinear, antialiased
+  filter at the same coordinates as resizing the whole image and cropping it after);
+- the flip is a row reversal of the small crop.
+
+The pixels differ from decoding everything and resizing with torchvision by rounding (at most a few
+levels of 255; the DCT-scaled decode is a slightly different low-pass than the antialias filter), the
+geometry not at all. Evaluation keeps the full decode (trainers.datasets.sources.decode_rgb).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from trainers.datasets.transforms import Geometry
+
+
+def decode_train_crop(path: Path, draw: Callable[[int, int], Geometry]) -> tuple[Tensor, Geometry]:
+    """(3, size, size) uint8 crop of the image at `path` and its geometry, `draw(width, height)`."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            geometry = draw(width, height)
+            # draft keeps a scale whose size is at least the one asked for (JPEG only; others ignore it).
+            image.draft("RGB", (geometry.resize_width, geometry.resize_height))
+            scale_x, scale_y = image.size[0] / geometry.resize_width, image.size[1] / geometry.resize_height
+            if image.mode != "RGB":
+                image = image.convert("RGB")
+            left, top, size = geometry.offset_x, geometry.offset_y, geometry.size
+            box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
+            crop = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise RuntimeError(f"{path}: cannot decode the image ({error}); run `python -m trainers.datasets check`") from None
+    pixels = np.asarray(crop)
+    if geometry.flip:
+        pixels = pixels[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), geometry
