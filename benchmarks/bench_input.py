@@ -30,15 +30,26 @@ import torch
 from PIL import Image
 
 from trainers.datasets.decode import decode_train_crop
-from trainers.datasets.sources import decode_rgb
+from trainers.datasets.decode import decode_rgb
 from trainers.datasets.transforms import apply_geometry, eval_geometry, train_geometry
 
 
 def photos_of(root: Path, count: int) -> list[Path]:
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+    """The first `count` JPEGs under root that decode whole (the data check rejects the others too)."""
+    paths = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg")):
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except OSError as error:
+            print(f"skipped {path}: {error}")
+            continue
+        paths.append(path)
+        if len(paths) == count:
+            break
     if not paths:
-        raise SystemExit(f"--photos {root}: no JPEG files under it")
-    return paths[:count]
+        raise SystemExit(f"--photos {root}: no readable JPEG files under it")
+    return paths
 
 
 def upscaled(paths: list[Path], folder: Path, factor: int) -> list[Path]:

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from trainers.datasets.decode import decode_train_crop
-from trainers.datasets.sources import decode_rgb
+from trainers.datasets.decode import decode_rgb
 from trainers.datasets.transforms import Geometry, apply_geometry, train_geometry
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared/data/voc-animals"
@@ -24,39 +24,45 @@ def fixed(resize_width, resize_height, offset_x, offset_y, flip, size=224):
     return draw
 
 
-def test_only_the_crop_is_resampled_as_resizing_the_whole_image_would():
-    # A photo smaller than twice the resize is decoded whole: the crop must be exactly Pillow's
-    # resize of the whole image, cropped (the same filter at the same coordinates).
+def upscaled(tmp_path, factor=4):
+    path, big = sorted(PHOTOS.rglob("*.jpg"))[3], tmp_path / "big.jpg"
+    with Image.open(path) as image:
+        image.convert("RGB").resize((image.width * factor, image.height * factor), Image.Resampling.BICUBIC).save(big, quality=92)
+    return big
+
+
+def test_a_photo_under_twice_the_size_takes_the_path_before():
     path = sorted(PHOTOS.rglob("*.jpg"))[3]
     with Image.open(path) as image:
         assert image.width < 2 * 256 or image.height < 2 * 256
+    crop, geometry = decode_train_crop(path, fixed(256, 256, 17, 29, True))
+    assert torch.equal(crop, apply_geometry(decode_rgb(path), geometry))
+
+
+def test_only_the_crop_is_resampled_as_resizing_the_whole_image_would(tmp_path):
+    # A large photo is decoded at a reduced scale; the crop must then be exactly Pillow's resize of
+    # the whole (reduced) image, cropped: the same filter at the same coordinates.
+    big = upscaled(tmp_path)
+    with Image.open(big) as image:
+        image.draft("RGB", (256, 256))
+        assert min(image.size) >= 256 and image.size != Image.open(big).size  # decoded at 1/2 or 1/4
         whole = np.asarray(image.convert("RGB").resize((256, 256), Image.Resampling.BILINEAR))
-    crop, geometry = decode_train_crop(path, fixed(256, 256, 17, 29, False))
+    crop, _ = decode_train_crop(big, fixed(256, 256, 17, 29, False))
     assert crop.shape == (3, 224, 224) and crop.dtype == torch.uint8
     assert np.array_equal(crop.permute(1, 2, 0).numpy(), whole[29:29 + 224, 17:17 + 224])
-    # ... and within one level of torchvision's antialiased resize, the path it replaces.
-    before = apply_geometry(decode_rgb(path), geometry)
-    assert int((before.int() - crop.int()).abs().max()) <= 1
 
 
-def test_flip_mirrors_the_same_crop():
-    path = sorted(PHOTOS.rglob("*.jpg"))[5]
-    plain, _ = decode_train_crop(path, fixed(256, 256, 10, 20, False))
-    flipped, _ = decode_train_crop(path, fixed(256, 256, 10, 20, True))
+def test_flip_mirrors_the_same_crop(tmp_path):
+    big = upscaled(tmp_path)
+    plain, _ = decode_train_crop(big, fixed(256, 256, 10, 20, False))
+    flipped, _ = decode_train_crop(big, fixed(256, 256, 10, 20, True))
     assert torch.equal(flipped, plain.flip(-1))
 
 
 def test_large_photo_is_decoded_at_a_reduced_scale_and_stays_close(tmp_path):
     # 4x the photo: libjpeg-turbo decodes it at 1/2 or 1/4 (still >= 256 px), a different low-pass
     # than decoding everything and antialiasing, close on average.
-    path = sorted(PHOTOS.rglob("*.jpg"))[3]
-    big = tmp_path / "big.jpg"
-    with Image.open(path) as image:
-        image.convert("RGB").resize((image.width * 4, image.height * 4), Image.Resampling.BICUBIC).save(big, quality=92)
-    with Image.open(big) as image:
-        image.draft("RGB", (256, 256))
-        assert image.size[0] < 4 * 256 * 2  # a scaled decode happened
-        assert min(image.size) >= 256
+    big = upscaled(tmp_path)
     generator = torch.Generator().manual_seed(3)
     crop, geometry = decode_train_crop(big, lambda w, h: train_geometry(w, h, 256, 224, generator))
     before = apply_geometry(decode_rgb(big), geometry)
@@ -80,7 +86,7 @@ def test_geometry_is_drawn_from_the_files_size_as_before():
 
 def test_grey_photos_become_three_equal_channels(tmp_path):
     grey = tmp_path / "grey.jpg"
-    with Image.open(sorted(PHOTOS.rglob("*.jpg"))[0]) as image:
+    with Image.open(upscaled(tmp_path)) as image:
         image.convert("L").save(grey)
     crop, _ = decode_train_crop(grey, fixed(256, 256, 0, 0, False))
     assert torch.equal(crop[0], crop[1]) and torch.equal(crop[1], crop[2])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from has_reference import loop_hide
 from trainers.fills import FILL_STRATEGIES, FillStats
 from trainers.hide import (
-    PAPER_MIXTURE, HideAndSeek, HideParams, format_mixture, hide, hide_mask, parse_mixture, sample_hide_params,
+    PAPER_MIXTURE, HideAndSeek, HideParams, apply_hide_mask, format_mixture, hide, hide_mask, parse_mixture, sample_hide_params,
 )
 
 
@@ -251,3 +251,16 @@ def test_mask_and_fill_shape_mismatches_are_refused():
     params = sample_hide_params(images.shape, {4: 1}, 0.5, generator())
     with pytest.raises(ValueError, match=r"fill: shape \(5,\) does not broadcast to the batch"):
         hide(images, params, torch.zeros(5))
+
+
+@pytest.mark.parametrize("fill", [torch.tensor([0.1, -0.2, 0.3]), torch.full((2, 3, 8, 8), 0.7), 0.5])
+def test_hiding_in_place_writes_the_same_pixels_into_the_batch_itself(fill):
+    # The engine hides its own normalised batch in place: the same values as the masked copy.
+    images = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    params = sample_hide_params(images.shape, {2: 1.0, 4: 1.0}, 0.5, torch.Generator().manual_seed(1))
+    mask = hide_mask(params, 8, 8)
+    copy = apply_hide_mask(images, mask, fill)
+    batch = images.clone()
+    result = apply_hide_mask(batch, mask, fill, inplace=True)
+    assert result is batch and torch.equal(result, copy)
+    assert torch.equal(copy[~mask[:, None].expand_as(copy)], images[~mask[:, None].expand_as(images)])

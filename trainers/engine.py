@@ -122,7 +122,8 @@ class Trainer:
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         generator = torch.Generator(self.device).manual_seed(config.seed * 1009 + self.place.rank)
-        self.hider = HideAndSeek(config.has.sizes, config.has.p_hide, config.has.fill, self.data.fill_stats, generator)
+        self.hider = HideAndSeek(config.has.sizes, config.has.p_hide, config.has.fill, self.data.fill_stats, generator,
+                                  inplace=True)  # normalize() hands it a batch of its own
         self.mean = torch.tensor(self.data.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(self.data.std, device=self.device).view(1, 3, 1, 1) * 255
         self.epoch = 0  # epochs finished

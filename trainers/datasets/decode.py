@@ -6,13 +6,15 @@ Then:
 
 - a JPEG is decoded by libjpeg-turbo at 1/2, 1/4 or 1/8 of its size (scaled inverse DCT, Pillow's
   `draft`) when that is still at least the resized size, so no detail the network sees is lost;
-- only the crop window is resampled (Pillow's `resize(box=...)`: the same bilinear, antialiased
-  filter at the same coordinates as resizing the whole image and cropping it after);
-- the flip is a row reversal of the small crop.
+  then only the crop window is resampled (Pillow's `resize(box=...)`: the same bilinear,
+  antialiased filter at the same coordinates as resizing the whole image and cropping it after),
+  and the flip is a row reversal of the small crop;
+- otherwise (a photo less than twice the resized size) the path is the one before: full decode,
+  torchvision's resize of the whole image, crop, flip.
 
 The pixels differ from decoding everything and resizing with torchvision by rounding (at most a few
 levels of 255; the DCT-scaled decode is a slightly different low-pass than the antialias filter), the
-geometry not at all. Evaluation keeps the full decode (trainers.datasets.sources.decode_rgb).
+geometry not at all. Evaluation keeps the full decode (`decode_rgb`).
 """
 from __future__ import annotations
 
@@ -24,17 +26,24 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from trainers.datasets.transforms import Geometry
+from trainers.datasets.transforms import Geometry, apply_geometry
 
 
 def decode_train_crop(path: Path, draw: Callable[[int, int], Geometry]) -> tuple[Tensor, Geometry]:
-    """(3, size, size) uint8 crop of the image at `path` and its geometry, `draw(width, height)`."""
+    """(3, size, size) uint8 crop of the image at `path` and its geometry, `draw(width, height)`.
+
+    When libjpeg-turbo cannot decode at a reduced scale (the photo is less than twice the resized
+    size), the whole photo is decoded and resized with torchvision as before: measured faster than
+    Pillow's resampling of the crop alone on this CPU (benchmarks/bench_input.py).
+    """
     try:
         with Image.open(path) as image:
             width, height = image.size
             geometry = draw(width, height)
             # draft keeps a scale whose size is at least the one asked for (JPEG only; others ignore it).
             image.draft("RGB", (geometry.resize_width, geometry.resize_height))
+            if image.size == (width, height):
+                return apply_geometry(decode_rgb(path), geometry), geometry
             scale_x, scale_y = image.size[0] / geometry.resize_width, image.size[1] / geometry.resize_height
             if image.mode != "RGB":
                 image = image.convert("RGB")
@@ -47,3 +56,13 @@ def decode_train_crop(path: Path, draw: Callable[[int, int], Geometry]) -> tuple
     if geometry.flip:
         pixels = pixels[:, ::-1]
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), geometry
+
+
+def decode_rgb(path: Path) -> Tensor:
+    """A (3, H, W) uint8 RGB image from a JPEG or PNG file (grey and RGBA become RGB)."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    try:
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except RuntimeError as error:
+        raise RuntimeError(f"{path}: cannot decode the image ({error}); run `python -m trainers.datasets check`") from None

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from trainers.datasets.decode import decode_train_crop
+from trainers.datasets.decode import decode_rgb, decode_train_crop
 from trainers.datasets.transforms import (ResizeMode, apply_geometry, eval_geometry, map_mask, sample_seed,
                                           train_geometry)
 
@@ -78,16 +78,6 @@ class MemorySource(SplitSource):
                         if flipped:
                             box[:, [0, 2]] = width - 1 - box[:, [2, 0]]
             yield Batch(images, self.labels[chunk], chunk, boxes, masks)
-
-
-def decode_rgb(path: Path) -> Tensor:
-    """A (3, H, W) uint8 RGB image from a JPEG or PNG file (grey and RGBA become RGB)."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-
-    try:
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except RuntimeError as error:
-        raise RuntimeError(f"{path}: cannot decode the image ({error}); run `python -m trainers.datasets check`") from None
 
 
 class FolderDataset(Dataset):
