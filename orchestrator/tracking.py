@@ -446,9 +446,11 @@ class SweepTracker:
             tags, metrics = [], []
             for key, (old, new) in changes.items():
                 history = run.data.tags.get(f"mutated.{key}") or f"{old} (start)"
-                if f"(epoch {step})" in history:
-                    continue  # written before a retry
-                tags.append(RunTag(f"mutated.{key}", f"{history} -> {new} (epoch {step})"[-5000:]))
+                entry = f" -> {new} (epoch {step})"
+                if history.endswith(entry):
+                    continue  # written before a retry (an epoch alone can come again with another value:
+                    # a trial that clones a donor behind it trains that epoch again)
+                tags.append(RunTag(f"mutated.{key}", f"{history}{entry}"[-5000:]))
                 numbers = [_number(old), _number(new)]
                 if None not in numbers:
                     if f"mutated.{key}" not in run.data.tags:

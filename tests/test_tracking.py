@@ -188,15 +188,17 @@ def test_a_pbt_mutation_is_logged_from_its_epoch(server, checkpoints, tmp_path):
     tracker.log_mutation("t0", {"optim.lr": (0.1, 0.05), "has.fill": ("zero", "blur")}, 3)
     tracker.log_mutation("t0", {"optim.lr": (0.05, 0.2)}, 5)
     tracker.log_mutation("t0", {"optim.lr": (0.05, 0.2)}, 5)  # the same again (a retried write): once
+    # a clone of a donor behind it trains epoch 5 again, with another value: a change of its own
+    tracker.log_mutation("t0", {"optim.lr": (0.2, 0.4)}, 5)
     assert tracker.end_sweep() is None
     client = MlflowClient(server.uri)
     run = next(r for r in client.search_runs([client.get_experiment_by_name("mutations").experiment_id])
                if r.data.tags["has_sweep.role"] == "trial")
     assert run.data.params["optim.lr"] == str(config.optim.lr)  # params keep the starting values
-    assert run.data.tags["mutated.optim.lr"] == "0.1 (start) -> 0.05 (epoch 3) -> 0.2 (epoch 5)"
+    assert run.data.tags["mutated.optim.lr"] == "0.1 (start) -> 0.05 (epoch 3) -> 0.2 (epoch 5) -> 0.4 (epoch 5)"
     assert run.data.tags["mutated.has.fill"] == "zero (start) -> blur (epoch 3)"
     history = client.get_metric_history(run.info.run_id, "mutated/optim.lr")
-    assert sorted((m.step, m.value) for m in history) == [(1, 0.1), (3, 0.05), (5, 0.2)]
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.1), (3, 0.05), (5, 0.2), (5, 0.4)]
     assert client.get_metric_history(run.info.run_id, "mutated/has.fill") == []  # not a number: the tag only
 
 
