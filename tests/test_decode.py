@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from trainers.datasets.decode import decode_train_crop
-from trainers.datasets.decode import decode_rgb
+from trainers.datasets import decode
+from trainers.datasets.decode import decode_rgb, decode_rgb_pillow, decode_train_crop
 from trainers.datasets.transforms import Geometry, apply_geometry, train_geometry
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared/data/voc-animals"
@@ -90,6 +90,28 @@ def test_grey_photos_become_three_equal_channels(tmp_path):
         image.convert("L").save(grey)
     crop, _ = decode_train_crop(grey, fixed(256, 256, 0, 0, False))
     assert torch.equal(crop[0], crop[1]) and torch.equal(crop[1], crop[2])
+
+
+@pytest.mark.skipif(decode._torchvision_decode is None, reason="this torchvision has no image decoders")
+def test_pillow_decodes_every_photo_as_torchvision_does():
+    """Evaluation's decoder once torchvision drops its own (deprecated since 0.29): the same pixels."""
+    photos = [p for p in sorted(PHOTOS.rglob("*.jpg")) if p.name != "00090.jpg" or "kangaroo" not in str(p)]
+    assert len(photos) == 363  # every photo but the truncated one
+    grey = 0
+    for path in photos:
+        pillow = decode_rgb_pillow(path)
+        assert torch.equal(pillow, decode._torchvision_decode(path)), path
+        grey += torch.equal(pillow[0], pillow[1]) and torch.equal(pillow[1], pillow[2])
+    assert grey == 3  # greyscale JPEGs among them
+
+
+def test_without_torchvision_decoders_pillow_decodes(monkeypatch):
+    path = sorted(PHOTOS.rglob("*.jpg"))[3]
+    expected = decode_rgb(path)
+    monkeypatch.setattr(decode, "_torchvision_decode", None)
+    assert torch.equal(decode_rgb(path), expected)
+    with pytest.raises(RuntimeError, match="00090.jpg: cannot decode the image"):
+        decode_rgb(next(p for p in PHOTOS.rglob("00090.jpg") if "kangaroo" in str(p)))
 
 
 def test_a_broken_file_names_itself(tmp_path):

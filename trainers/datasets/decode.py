@@ -59,10 +59,36 @@ def decode_train_crop(path: Path, draw: Callable[[int, int], Geometry]) -> tuple
 
 
 def decode_rgb(path: Path) -> Tensor:
-    """A (3, H, W) uint8 RGB image from a JPEG or PNG file (grey and RGBA become RGB)."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    """A (3, H, W) uint8 RGB image from a JPEG or PNG file (grey and RGBA become RGB).
 
+    torchvision's decoder while torchvision has it (deprecated since 0.29, to be removed), else
+    Pillow's: both are libjpeg-turbo with the same settings, identical pixels on every voc-animals
+    photo (tests/test_decode.py), torchvision's ~15% faster here.
+    """
     try:
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except RuntimeError as error:
+        if _torchvision_decode is not None:
+            return _torchvision_decode(path)
+        return decode_rgb_pillow(path)
+    except (RuntimeError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise RuntimeError(f"{path}: cannot decode the image ({error}); run `python -m trainers.datasets check`") from None
+
+
+def decode_rgb_pillow(path: Path) -> Tensor:
+    """decode_rgb with Pillow (errors are Pillow's)."""
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+def _torchvision_decoder() -> Callable[[Path], Tensor] | None:
+    try:
+        from torchvision.io import ImageReadMode, decode_image, read_file
+    except ImportError:  # a torchvision without its image decoders
+        return None
+
+    def decode(path: Path) -> Tensor:
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    return decode
+
+
+_torchvision_decode = _torchvision_decoder()
