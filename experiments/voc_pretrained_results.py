@@ -46,13 +46,22 @@ def sweep_base(data_root: str):
     return RunConfig.from_dict(spec.base, [f"data.root={Path(data_root).resolve()}"]), spec
 
 
-def center_baseline(config: RunConfig) -> tuple[dict[float, float], int]:
-    """MaxBoxAcc per IoU of a centred Gaussian as every test image's CAM (Choe et al.'s baseline), and the
-    number of test images."""
+def center_baseline(config: RunConfig) -> tuple[dict[float, float], int, str]:
+    """MaxBoxAcc per IoU of a centred Gaussian as every test image's CAM (Choe et al.'s baseline), the
+    number of test images and how large their objects are."""
     test = build_data(config.data, config.seed, backbone=config.model.backbone).test
     boxes = [b for batch in test.batches(torch.arange(len(test)), 64, train=False, epoch=0, seed=0) for b in batch.boxes]
     return max_box_acc(center_gaussian_cams(len(boxes), config.data.input_size), boxes,
-                       interval=config.eval.test_interval), len(boxes)
+                       interval=config.eval.test_interval), len(boxes), object_sizes(boxes, config.data.input_size)
+
+
+def object_sizes(boxes, size: int) -> str:
+    """How much of its image the test set's objects take: what makes a centred Gaussian a strong guess."""
+    shares = sorted(max((b[2] - b[0] + 1) * (b[3] - b[1] + 1) for b in image.tolist()) / size ** 2 for image in boxes)
+    several = sum(len(image) > 1 for image in boxes)
+    return (f"the largest box of a test image covers a median {100 * statistics.median(shares):.0f}% of it "
+            f"(over half of it in {sum(s > 0.5 for s in shares)} of {len(shares)}), and {several} images "
+            "have more than one box")
 
 
 def caption(result) -> str:
@@ -128,7 +137,7 @@ def main() -> int:
     imagenet = config.replace(model=dataclasses.replace(config.model, weights="imagenet"),
                               output_dir=str(work / "imagenet"), progress=False)
     before, before_dir = evaluate_weights(imagenet, ["test"], cam_class="predicted")
-    center, test_count = center_baseline(config)
+    center, test_count, sizes = center_baseline(config)
     center_v2 = statistics.fmean(center[d] for d in (0.3, 0.5, 0.7))
 
     pair = best_and_baseline(chosen, spec.fields.metric)
@@ -165,11 +174,14 @@ def main() -> int:
         format_table(every, "md"),
     ]
     section.append(paired_section(chosen, before["test/maxboxacc_v2"], center_v2, test_count))
+    section.append(f"The center baseline is strong on these photos: {sizes}.\n")
     rates = sorted(spec.domains["optim.lr"].values)
-    at_edge = sum(row.members[0].config.get("optim.lr") in (rates[0], rates[-1]) for row in chosen.rows) if len(rates) > 1 else 0
-    if at_edge:
-        section.append(f"The rate chosen on val is at an end of the grid ({', '.join(map(str, rates))}) for "
-                       f"{at_edge} of {len(chosen.rows)} methods: a wider grid may still move these numbers.\n")
+    picked = [row.members[0].config.get("optim.lr") for row in chosen.rows]
+    ends = [(f"the smallest ({rates[0]})", picked.count(rates[0])), (f"the largest ({rates[-1]})", picked.count(rates[-1]))]
+    ends = [f"{name} for {count} of {len(picked)} methods" for name, count in ends if count] if len(rates) > 1 else []
+    if ends:  # a grid's end chosen: the best rate may lie beyond it
+        section.append(f"The rate chosen on val is {' and '.join(ends)} of the grid ({', '.join(map(str, rates))}): "
+                       "past that end, a rate may still do better.\n")
     for picture in pictures:
         name = picture.name
         section.append(f"![{name}](img/{name})\n")

@@ -75,7 +75,7 @@ def build_table(results: Iterable[TrialResult], split: str | None = None, choose
     left_out: dict[str, int] = {}
     for r in results:
         if r not in usable:
-            reason = {"ERROR": "failed", "STOPPED": "stopped early by the scheduler"}.get(r.status, f"no {split} metrics")
+            reason = {"ERROR": "failed", "STOPPED": "stopped before their last epoch (by the scheduler, or the sweep was interrupted)"}.get(r.status, f"no {split} metrics")
             left_out[reason] = left_out.get(reason, 0) + 1
     varying = sorted(k for k in {k for r in usable for k in r.config}
                      if k not in IGNORED and k not in IDENTITY and len({_shown(r.config.get(k)) for r in usable}) > 1)

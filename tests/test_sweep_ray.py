@@ -176,7 +176,7 @@ def test_asha_stops_the_bad_trials_early(tmp_path):
     epochs = {results(t)[-1]["config"]["grid"]["optim.lr"]: results(t)[-1]["training_iteration"]
               for t in trial_dirs(tmp_path / "rr" / "asha")}
     assert epochs[0.3] == 4 and min(epochs.values()) < 4
-    assert "stopped early by the scheduler" in done.stdout
+    assert "stopped before their last epoch (by the scheduler" in done.stdout
 
 
 def test_population_based_training_exploits_and_mutates_in_process_trials(tmp_path):

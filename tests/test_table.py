@@ -43,4 +43,4 @@ def test_failed_and_stopped_trials_are_left_out_and_counted():
     table = build_table([trial("24", 0, 60.0), trial("24", 1, 0.0, status="ERROR"),
                          trial("none", 0, 10.0, status="STOPPED")])
     assert [row.key[1] for row in table.rows] == ["24"]
-    assert table.left_out == {"failed": 1, "stopped early by the scheduler": 1}
+    assert table.left_out == {"failed": 1, "stopped before their last epoch (by the scheduler, or the sweep was interrupted)": 1}
