@@ -133,8 +133,9 @@ def test_ddp_trials_survive_a_node_kill_and_a_tracking_server_restart(emulated):
     assert "The trial terminated successfully after retrying." in log  # the node's trial, from its checkpoint
     assert "tracking server unreachable" in log and "tracking server back" in log
     runs = train_checkpoints(emulated, "ddp")
-    # Train keeps its 2 newest checkpoints (the retried run may still hold its first run's last one).
-    assert len(runs) == 2 and min(len(c) for c in runs.values()) == 2 and max(len(c) for c in runs.values()) < EPOCHS
+    # Train keeps its 2 newest checkpoints; a retried run may still hold its first attempt's last one
+    # (the killed node can hold workers of both trials: then both are retried).
+    assert EPOCHS > 3 and len(runs) == 2 and all(2 <= len(c) <= 3 for c in runs.values())
     assert not (emulated.folder / "ray_results").exists()  # nothing on the driver's disk
     assert emulated.s3.keys("sweeps/ddp/has_sweep.json")
     assert_tracked_in_full(emulated, "ddp", trials=2)
@@ -243,8 +244,10 @@ def shrink(sweep: dict, storage: str) -> dict:
     return sweep
 
 
-# quickstart.yaml also runs by default, locally, in test_sweep_ray.py's quickstart test: here it is extended.
-EXTENDED = {"quickstart.yaml"}
+# quickstart.yaml also runs by default, locally, in test_sweep_ray.py's quickstart test; wsol_imagenet.yaml
+# is wsol_cub.yaml's space and recipe with 4-worker DDP trials, which the node- and driver-kill tests run:
+# here both are extended (the suite's 15 minutes).
+EXTENDED = {"quickstart.yaml", "wsol_imagenet.yaml"}
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.extended) if p.name in EXTENDED else p
