@@ -55,6 +55,17 @@ def center_baseline(config: RunConfig) -> tuple[dict[float, float], int, str]:
                        interval=config.eval.test_interval), len(boxes), object_sizes(boxes, config.data.input_size)
 
 
+def running_minutes(client, parent, results, gap_minutes: float = 10.0) -> tuple[float, float]:
+    """Wall minutes with trials at work, and minutes of pause: the parent run's span less the gaps of
+    over `gap_minutes` between successive epochs of all trials (a sweep stopped, then --resume'd)."""
+    times = [parent.info.start_time, *(m.timestamp for r in results
+                                       for m in client.get_metric_history(r.run_id, "epoch")), parent.info.end_time]
+    times = sorted(t for t in times if t)
+    steps = [(b - a) / 60000 for a, b in zip(times, times[1:])]
+    paused = sum(step for step in steps if step > gap_minutes)
+    return sum(steps) - paused, paused
+
+
 def object_sizes(boxes, size: int) -> str:
     """How much of its image the test set's objects take: what makes a centred Gaussian a strong guess."""
     shares = sorted(max((b[2] - b[0] + 1) * (b[3] - b[1] + 1) for b in image.tolist()) / size ** 2 for image in boxes)
@@ -130,7 +141,9 @@ def main() -> int:
     every = build_table(results, "val")  # every learning rate, on val: what the choice saw
     size = config.data.crop_size
     finished = sum(r.status == "TERMINATED" for r in results)
-    minutes = (parent.info.end_time - parent.info.start_time) / 60000 if parent.info.end_time else float("nan")
+    minutes, paused = running_minutes(client, parent, results)
+    wall = f"{minutes:.0f} minutes wall" + (f" (not counting {paused / 60:.1f} hours stopped before a --resume)"
+                                            if paused else "")
 
     # The ImageNet network before fine-tuning: the CAM of its top-1 ImageNet class (the data's classes
     # have no ImageNet head: raccoons are not an ImageNet-1k class).
@@ -159,7 +172,7 @@ def main() -> int:
         f"{size} px crops, {config.optim.epochs} epochs, SGD Nesterov, {config.optim.schedule}, batch "
         f"{config.data.batch_size}, HaS p_hide {config.has.p_hide} with the paper's sizes scaled to {size} px. "
         f"{finished} trials finished of {len(results)}, {spec.fields.max_concurrent_trials} at a time on a 2-core CPU: "
-        f"{minutes:.0f} minutes wall.\n",
+        f"{wall}.\n",
         f"Per method, the learning rate ({' or '.join(map(str, spec.domains['optim.lr'].values))}) with the best mean "
         f"val MaxBoxAccV2 over seeds {', '.join(map(str, spec.fields.seeds))}; "
         f"its test numbers, mean ± s.d. over the 3 seeds (one test image is {100 / test_count:.2f} points):\n",
