@@ -1,4 +1,4 @@
-"""Reading what the driver logs out of a trial's checkpoint in storage, and nothing else.
+"""Reading what the driver logs out of a trial's checkpoint in storage (and its Tune results file), and nothing else.
 
 A checkpoint folder (trainers/checkpoint.py) holds state.pt (model, optimizer, ...: tens to hundreds
 of MB), config.yaml, metrics.json and artifacts/ (a few PNGs and a Parquet file: tens of KB). Every
@@ -8,6 +8,7 @@ checkpoint lives, and on a thread pool, so Tune's event loop never waits on them
 """
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,3 +76,41 @@ def fetch_file(location: CheckpointLocation, relative: str, target: Path, counte
     """One file of a checkpoint (the final model, an overlay) into `target`."""
     _copy(location, relative, target, counter)
     return target
+
+
+def checkpoint_metrics(filesystem, folder: str, epochs: range) -> dict[int, tuple[str, dict]]:
+    """{epoch: (checkpoint path, its metrics.json)} of the checkpoints in `folder` of these epochs."""
+    import pyarrow.fs as pafs
+
+    found = {}
+    for info in filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            with filesystem.open_input_stream(f"{info.path}/metrics.json") as stream:
+                metrics = json.loads(stream.read())
+        except (OSError, ValueError):
+            continue  # half-written or deleted meanwhile
+        if int(metrics.get("epoch", 0)) in epochs:
+            found[int(metrics["epoch"])] = (info.path, metrics)
+    return found
+
+
+def result_rows(filesystem, path: str, epochs: range) -> dict[int, dict]:
+    """{epoch: the last row of that epoch} of a Tune results file (JSON lines) of these epochs; {}
+    when there is none. A row written twice (a trial restored behind its last report) keeps the last."""
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            text = stream.read().decode()
+    except (OSError, FileNotFoundError):
+        return {}
+    rows = {}
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+            epoch = int(row.get("epoch", 0))
+        except (ValueError, TypeError, AttributeError):
+            continue  # (a partial last line)
+        if epoch in epochs:
+            rows[epoch] = row
+    return rows

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.dataset_input import dataset_input
-from orchestrator.checkpoint_files import MODEL, CheckpointLocation, FetchCounter, fetch_epoch_files, fetch_file
+from orchestrator.checkpoint_files import (MODEL, CheckpointLocation, FetchCounter, checkpoint_metrics,
+                                          fetch_epoch_files, fetch_file, result_rows)
 from orchestrator.tracking_queue import Operation, ResilientWriter
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,13 @@ def versions() -> dict[str, str]:
     return {"ray_version": ray.__version__, "torch_version": torch.__version__, "mlflow_version": mlflow.__version__}
 
 
+def engine_metrics(result: dict) -> dict[str, float]:
+    """The engine's metrics in a result or a checkpoint's metrics.json (split/name keys and the
+    epoch), as floats: what a trial's run logs each epoch."""
+    return {k: float(v) for k, v in result.items()
+            if (k == "epoch" or "/" in k) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 class RunHandle:
     """A run that may not exist yet: operations fill `run_id` in order, before they use it."""
 
@@ -175,7 +183,7 @@ class SweepTracker:
         # The format is chosen on purpose (see _log_logged_model): not a warning per trial.
         logging.getLogger("mlflow.pytorch").addFilter(_PICKLE_NOTICE)  # one filter, however many trackers
         self._fetches: dict[str, tuple[Future, Callable[[], Path]]] = {}  # copies still being fetched, or failed
-        self._gap_filesystems: dict[str, object] = {}  # trial -> the filesystem of its checkpoints (fill_gap)
+        self._gap_filesystems: dict[str, tuple] = {}  # trial -> filesystems of its checkpoints, results (fill_gap)
         self.writer = ResilientWriter(spill_dir, threads=1 if is_local_uri(tracking_uri) else WRITER_THREADS,
                                       max_queued=MAX_QUEUED_WRITES, rebuild=self._operation)
 
@@ -231,15 +239,21 @@ class SweepTracker:
                                             "metrics": {k: float(v) for k, v in metrics.items()},
                                             "timestamp": int(time.time() * 1000)}))
 
-    def fill_gap(self, trial_id: str, step: int, checkpoints: CheckpointLocation) -> None:
+    def fill_gap(self, trial_id: str, step: int, checkpoints: CheckpointLocation | None,
+                 results: CheckpointLocation | None = None) -> None:
         """Before the metrics of epoch `step`: epochs between the run's last logged one and `step`,
-        from the trial's checkpoints (in the folder `checkpoints`). A driver killed while writes
-        were queued loses them; the restored trial resumes after its last checkpoint, whose epoch
-        would otherwise be missing from the run."""
+        from the trial's checkpoints (in the folder `checkpoints`: metrics and artifacts) and, for
+        epochs whose checkpoint is gone (Train keeps the newest), from the rows of its Tune results
+        file `results` in storage (metrics). A driver killed while writes were queued (a tracking
+        server slow or away) loses them; the restored trial resumes after its last checkpoint, and a
+        finished one is not run again: without this, those epochs would be missing from the run."""
         self._started(trial_id)
-        self._gap_filesystems[trial_id] = checkpoints.filesystem
+        if checkpoints is None and results is None:
+            return
+        self._gap_filesystems[trial_id] = (checkpoints and checkpoints.filesystem, results and results.filesystem)
         self.writer.submit(self._operation({"kind": "gap", "trial_id": trial_id, "step": step,
-                                            "folder": checkpoints.path}))
+                                            "folder": checkpoints and checkpoints.path,
+                                            "results": results and results.path}))
 
     def is_best(self, trial_id: str, metrics: dict[str, float]) -> bool:
         """Whether these metrics are the trial's best so far on the sweep's metric (and remember them)."""
@@ -404,34 +418,28 @@ class SweepTracker:
         handle = self.trials[trial_id]
 
         def perform() -> None:
-            import pyarrow.fs as pafs
-
             if step - 1 <= handle.last_step or trial_id not in self._gap_filesystems:
                 return  # nothing missing (the usual case)
-            filesystem = self._gap_filesystems[trial_id]
-            found = []
-            for info in filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
-                if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
-                    continue
-                try:
-                    with filesystem.open_input_stream(f"{info.path}/metrics.json") as stream:
-                        metrics = json.loads(stream.read())
-                except (OSError, ValueError):
-                    continue  # half-written or deleted meanwhile
-                if handle.last_step < int(metrics.get("epoch", 0)) < step:
-                    found.append((int(metrics["epoch"]), info.path, metrics))
+            checkpoints, results = self._gap_filesystems[trial_id]
+            missing = range(handle.last_step + 1, step)
+            rows = result_rows(results, record.get("results"), missing) if results is not None else {}
+            saved = checkpoint_metrics(checkpoints, folder, missing) if checkpoints is not None else {}
             stamp = int(time.time() * 1000)
-            for epoch, path, metrics in sorted(found):
-                logged = {k: float(v) for k, v in metrics.items() if (k == "epoch" or "/" in k)
-                          and isinstance(v, (int, float)) and not isinstance(v, bool)}
-                self._log_epochs(handle, [{"step": epoch, "metrics": logged, "timestamp": stamp}])
-                copy = self._staging_dir(trial_id, "epoch-")
-                fetch_epoch_files(CheckpointLocation(filesystem, path), copy, self.fetched)
-                self._op_artifacts({"kind": "artifacts", "trial_id": trial_id, "checkpoint": path,
-                                    "copy": str(copy)}).perform()
-            if found:
+            for epoch in sorted({*rows, *saved}):
+                path, metrics = saved.get(epoch, (None, rows.get(epoch)))
+                when = rows.get(epoch, {}).get("timestamp")  # Tune's, in seconds: when the epoch was reported
+                self._log_epochs(handle, [{"step": epoch, "metrics": engine_metrics(metrics),
+                                           "timestamp": int(when * 1000) if isinstance(when, (int, float)) else stamp}])
+                if path is not None:
+                    copy = self._staging_dir(trial_id, "epoch-")
+                    fetch_epoch_files(CheckpointLocation(checkpoints, path), copy, self.fetched)
+                    self._op_artifacts({"kind": "artifacts", "trial_id": trial_id, "checkpoint": path,
+                                        "copy": str(copy)}).perform()
+            if rows or saved:
                 log.warning("tracking: epochs %s of trial %s were missing from its run (a driver stopped before "
-                            "writing them, or Tune dropped a result); written from its checkpoints", [e for e, _, _ in sorted(found)], trial_id)
+                            "writing them, or Tune dropped a result); written from %s", sorted({*rows, *saved}),
+                            trial_id, " and ".join(what for what, found in (("its checkpoints", saved),
+                                                                            ("its results file", rows)) if found))
         return Operation(f"missing epochs before {step} of trial {trial_id}", perform, record, key=f"trial {trial_id}")
 
     def _op_mutation(self, record: dict) -> Operation:

@@ -18,7 +18,7 @@ from orchestrator.paired import paired_report, parse_baseline
 from orchestrator.table import TrialResult, build_table, describe, format_table
 from orchestrator.dataset_input import trial_dataset
 from orchestrator.run_names import run_name
-from orchestrator.tracking import ROLE_TAG, TRIAL_TAG, URI_ENV, SweepTracker, versions
+from orchestrator.tracking import ROLE_TAG, TRIAL_TAG, URI_ENV, SweepTracker, engine_metrics, versions
 from trainers.config_parse import flatten, set_dotted
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,15 @@ def never_fails(hook):
     return guarded
 
 
-def logged_metrics(result: dict) -> dict[str, float]:
-    """The engine's metrics of a Tune result (split/name keys and the epoch), as floats."""
-    return {k: float(v) for k, v in result.items()
-            if (k == "epoch" or "/" in k) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+logged_metrics = engine_metrics  # the engine's metrics of a Tune result (split/name keys and the epoch)
+
+
+def results_file(trial) -> CheckpointLocation | None:
+    """The trial's Tune results file (result.json: a row per report) in the sweep's storage."""
+    try:
+        return CheckpointLocation(trial.storage.storage_filesystem, f"{trial.storage.trial_fs_path}/result.json")
+    except (AttributeError, RuntimeError):  # no storage context (yet)
+        return None
 
 
 class MlflowCallback(Callback):
@@ -139,9 +144,7 @@ class MlflowCallback(Callback):
         # driver), or a jump (Tune drops a checkpointed result when the trial's failure overtakes it).
         last = self.last_steps.get(trial.trial_id)
         if step > (last or 0) + 1:
-            folder = self._checkpoint_folder(trial, location)
-            if folder is not None:
-                self.tracker.fill_gap(trial.trial_id, step, folder)
+            self.tracker.fill_gap(trial.trial_id, step, self._checkpoint_folder(trial, location), results_file(trial))
         self.last_steps[trial.trial_id] = max(step, last or 0)
         self._mutations(trial, step, result)
         self.tracker.log_metrics(trial.trial_id, logged_metrics(result), step)
@@ -199,13 +202,12 @@ class MlflowCallback(Callback):
         missing from the run, and its last checkpoint's artifacts (written again: same paths)."""
         self._start(trial)
         location = self._final_checkpoint(trial)
-        if location is None:
-            return
         done = int((trial.last_result or {}).get("epoch", 0))
-        folder = self._checkpoint_folder(trial, location)
-        if folder is not None and done:
-            self.tracker.fill_gap(trial.trial_id, done + 1, folder)
-        self.tracker.log_evaluation(trial.trial_id, location)
+        if done:
+            folder = self._checkpoint_folder(trial, location)
+            self.tracker.fill_gap(trial.trial_id, done + 1, folder, results_file(trial))
+        if location is not None:
+            self.tracker.log_evaluation(trial.trial_id, location)
 
     @never_fails
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
@@ -234,18 +236,18 @@ class MlflowCallback(Callback):
     def on_experiment_end(self, trials, **info) -> None:
         from orchestrator.report import best_and_baseline, mosaic, write_report
 
-        # A driver killed after Tune recorded a trial as done but before its run was ended: the
-        # resumed sweep does not run that trial again, so its run, still RUNNING, is ended here.
+        # A driver killed after Tune recorded a trial as done but before its run was ended (its last
+        # writes queued, or the server away): the resumed sweep does not run that trial again, so
+        # its run, still RUNNING or never made, is completed here from what storage holds.
         left = {t.trial_id: t for t in trials if t.trial_id not in self.ended and t.status in ("TERMINATED", "ERROR")}
         if left:
             identity = " and ".join(f"tags.`{k}` = '{v}'" for k, v in self.tracker.identity.items())
-            query = f"{identity} and tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'RUNNING'"
-            running = self.tracker.client.search_runs([self.tracker._experiment()], query, max_results=5000)
-            for run in running:
-                trial = left.get(run.data.tags.get(TRIAL_TAG))
-                if trial is not None:
-                    self._recover(trial)
-                    (self._complete if trial.status == "TERMINATED" else self._fail)(trial)
+            query = f"{identity} and tags.`{ROLE_TAG}` = 'trial' and attributes.status != 'RUNNING'"
+            ended = {run.data.tags.get(TRIAL_TAG)
+                     for run in self.tracker.client.search_runs([self.tracker._experiment()], query, max_results=5000)}
+            for trial in (t for trial_id, t in left.items() if trial_id not in ended):
+                self._recover(trial)
+                (self._complete if trial.status == "TERMINATED" else self._fail)(trial)
         results = []
         epochs = {}
         for trial in trials:

@@ -2,6 +2,7 @@
 import getpass
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -220,6 +221,41 @@ def test_a_resumed_sweep_continues_the_same_runs_without_duplicates(server, chec
     assert len(runs) == 2  # one parent, one child
     child = next(r for r in runs if r.data.tags["has_sweep.role"] == "trial")
     assert [m.step for m in client.get_metric_history(child.info.run_id, "epoch")] == [1, 2]
+
+
+def test_epochs_a_killed_driver_never_wrote_come_from_the_checkpoints_and_the_results_file(server, checkpoints,
+                                                                                        tmp_path):
+    # The restored driver sees the trial first at epoch 4: epochs 1-3 never reached the run. Train kept
+    # only epoch 2's checkpoint (its metrics and artifacts); Tune's result.json has a row per report,
+    # epoch 3's twice (a trial restored behind its last report: the last row counts), and a partial line.
+    config, folders = checkpoints
+    kept = tmp_path / "train_run"
+    shutil.copytree(folders[1], kept / "checkpoint_000001")
+    saved = metrics_of(folders[1])
+    rows = [{"epoch": 1, "training_iteration": 1, "val/x": 0.25, "done": False, "timestamp": 1_700_000_000},
+            {"epoch": 2, "training_iteration": 2, "val/x": 99.0},
+            {"epoch": 3, "training_iteration": 3, "val/x": 0.5},
+            {"epoch": 3, "training_iteration": 1, "val/x": 0.75, "config": {"grid": {"seed": 0}}}]
+    results = tmp_path / "trial" / "result.json"
+    results.parent.mkdir()
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"epoch": 4, "val/x"')
+    tracker = SweepTracker(server.uri, "gap", tmp_path / "spill")
+    tracker.start_sweep({}, {})
+    tracker.start_trial("t0", "t0", flatten(config.to_dict()))
+    tracker.fill_gap("t0", 4, local(kept), local(results))
+    tracker.log_metrics("t0", {"epoch": 4.0, "val/x": 1.0}, 4)
+    assert tracker.end_sweep() is None
+    client = MlflowClient(server.uri)
+    child = next(r for r in client.search_runs([client.get_experiment_by_name("gap").experiment_id])
+                 if r.data.tags["has_sweep.role"] == "trial")
+    history = lambda key: sorted((m.step, m.value) for m in client.get_metric_history(child.info.run_id, key))  # noqa: E731
+    assert history("epoch") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+    # epoch 2 from its checkpoint (which has no val/x), epochs 1 and 3 from the rows (the last of epoch 3)
+    assert history("val/x") == [(1, 0.25), (3, 0.75), (4, 1.0)]
+    assert client.get_metric_history(child.info.run_id, "val/x")[0].timestamp == 1_700_000_000_000  # when reported
+    assert history("val/maxboxacc_v2") == [(2, pytest.approx(saved["val/maxboxacc_v2"]))]
+    assert history("training_iteration") == [] and history("done") == []
+    assert [a.path for a in client.list_artifacts(child.info.run_id, "evaluations")] == ["evaluations/epoch_0002"]
 
 
 def test_a_server_stopped_and_restarted_mid_sweep_loses_no_metric(server, checkpoints, tmp_path):
