@@ -218,8 +218,6 @@ def make_scheduler(spec: SweepSpec):
 
 def progress_reporter(spec: SweepSpec):
     """Tune's table with the columns people read: what varies, the epoch and the key metrics."""
-    from ray.tune import CLIReporter
-
     # The keys as they are in each trial's params: sampled mixture weights travel as has.mixture.w<size>.
     sampled = [f"{WEIGHT_PREFIX}{size}" if spec.domains[key].kind == "sampled_weights" else key
                for key in spec.random_keys for size in (spec.domains[key].values
@@ -230,8 +228,36 @@ def progress_reporter(spec: SweepSpec):
         varying = {f"grid/{key}": key.split(".")[-1] for key in (*spec.shown_keys, *sampled, "seed")}
     metrics = {"epoch": "epoch", "train/loss": "loss", "val/cls_top1": "val cls",
                spec.fields.metric: spec.fields.metric.split("/")[-1]}
-    return CLIReporter(parameter_columns=varying, metric_columns=metrics, max_report_frequency=30,
-                       sort_by_metric=True)
+    return _reporter_class()(parameter_columns=varying, metric_columns=metrics, max_report_frequency=30,
+                             sort_by_metric=True)
+
+
+def all_have(metric: str, results: list[dict]) -> bool:
+    """Whether every result has a number for `metric` (flat "val/x" keys, or nested as Tune may keep them)."""
+    from ray.tune.utils import unflattened_lookup
+
+    return all(isinstance(unflattened_lookup(metric, r, default=None), (int, float)) for r in results)
+
+
+def _reporter_class():
+    """CLIReporter whose table is sorted by the metric only while every finished trial has it: Ray
+    sorts the finished trials with None for one that has not (a trial stopped before its first
+    validation), which raises TypeError and ends the sweep in its final table."""
+    from ray.tune import CLIReporter
+    from ray.tune.experiment import Trial
+
+    class SafeSortReporter(CLIReporter):
+        def _progress_str(self, trials, done, *sys_info, **kwargs):
+            wanted = self._sort_by_metric
+            if not (wanted and self._metric):
+                return super()._progress_str(trials, done, *sys_info, **kwargs)
+            self._sort_by_metric = all_have(self._metric, [t.last_result for t in trials
+                                                            if t.status == Trial.TERMINATED])
+            try:
+                return super()._progress_str(trials, done, *sys_info, **kwargs)
+            finally:
+                self._sort_by_metric = wanted
+    return SafeSortReporter
 
 
 def trial_results(spec: SweepSpec, grid) -> list[TrialResult]:

@@ -27,26 +27,54 @@ def reportable(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
-class TuneReportHook(Hook):
-    """In-process trials: tune.report every epoch, with the epoch's checkpoint folder."""
+class ReportHook(Hook):
+    """Reports every epoch to Tune / Train. A trial restored from its last epoch's checkpoint (the
+    driver was killed after the checkpoint was saved, before Tune saw the trial end) trains nothing:
+    its final metrics are reported once more, so that Tune's last result (the progress table, the
+    scheduler, the run's 'completed' status and model) is the final epoch's."""
+
+    again_with_checkpoint = False  # whether that repeat carries the restored checkpoint
+
+    def before_train(self, trainer: Trainer) -> None:
+        self.reported = False
 
     def after_epoch(self, trainer: Trainer, report: EpochReport) -> None:
+        self.report(trainer, report.metrics, report.checkpoint)
+        self.reported = True
+
+    def after_train(self, trainer: Trainer, report: EpochReport) -> None:
+        if not self.reported:
+            self.report(trainer, report.metrics, report.checkpoint if self.again_with_checkpoint else None)
+
+    def report(self, trainer: Trainer, metrics: dict[str, float], folder: Path | None) -> None:
+        raise NotImplementedError
+
+
+class TuneReportHook(ReportHook):
+    """In-process trials: tune.report every epoch, with the epoch's checkpoint folder (a repeat of the
+    final epoch without: the trial's checkpoint is already that one)."""
+
+    def report(self, trainer: Trainer, metrics: dict[str, float], folder: Path | None) -> None:
         from ray import tune
 
-        checkpoint = tune.Checkpoint.from_directory(str(report.checkpoint)) if report.checkpoint else None
-        tune.report(reportable(report.metrics), checkpoint=checkpoint)
+        checkpoint = tune.Checkpoint.from_directory(str(folder)) if folder else None
+        tune.report(reportable(metrics), checkpoint=checkpoint)
 
 
-class TrainReportHook(Hook):
-    """Multi-worker trials: ray.train.report on every rank, the checkpoint from rank 0 only."""
+class TrainReportHook(ReportHook):
+    """Multi-worker trials: ray.train.report on every rank, the checkpoint from rank 0 only. A repeat
+    of the final epoch carries its checkpoint again (uploaded once more): Tune knows a Train run's
+    checkpoint only from its result (checkpoint_path), and the driver logs the model from there."""
 
-    def after_epoch(self, trainer: Trainer, report: EpochReport) -> None:
+    again_with_checkpoint = True
+
+    def report(self, trainer: Trainer, metrics: dict[str, float], folder: Path | None) -> None:
         import ray.train
 
         checkpoint = None
-        if trainer.place.is_main and report.checkpoint is not None:
-            checkpoint = ray.train.Checkpoint.from_directory(str(report.checkpoint))
-        ray.train.report(reportable(report.metrics), checkpoint=checkpoint)
+        if trainer.place.is_main and folder is not None:
+            checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+        ray.train.report(reportable(metrics), checkpoint=checkpoint)
 
 
 def _quiet_ray_logs() -> None:

@@ -202,7 +202,7 @@ class Trainer:
                 raise FaultDrill(f"fault drill after epoch {self.epoch} (fault_drill_epoch): resume from "
                                  f"{report.checkpoint or 'the checkpoint'} to continue")
         if report is None:  # resumed from the last epoch: nothing left to train; its metrics are the folder's
-            report = EpochReport(self.epoch, json_metrics(Path(resume_from)), final=True)
+            report = EpochReport(self.epoch, json_metrics(Path(resume_from)), Path(resume_from), final=True)
         for hook in self.hooks:
             hook.after_train(self, report)
         return report.metrics
