@@ -22,6 +22,20 @@ TINY = {"data": {"synthetic": {"train_size": 192, "val_size": 48, "test_size": 4
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def ray_address():
+    """One local Ray (this machine's CPUs) that the sweeps below join, as they would a running cluster:
+    each saves starting and stopping its own (~10 s here), and no two Ray instances run on this machine
+    at once (Ray Train's helpers then pick the newest). The quickstart test, which runs before it is
+    made, starts its own, as a newcomer's sweep does."""
+    from ray.cluster_utils import Cluster
+
+    os.environ.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": os.cpu_count(), "include_dashboard": False})
+    yield cluster.address
+    cluster.shutdown()
+
+
 def sweep_file(tmp_path, name, **fields) -> Path:
     fields.setdefault("base", TINY)
     path = tmp_path / f"{name}.yaml"
@@ -29,9 +43,10 @@ def sweep_file(tmp_path, name, **fields) -> Path:
     return path
 
 
-def run_sweep(*args, timeout=300, cwd=ROOT, module="orchestrator.sweep"):
+def run_sweep(*args, timeout=300, cwd=ROOT, module="orchestrator.sweep", address=None):
+    env = {**ENV, "RAY_ADDRESS": address} if address else ENV
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          env=ENV, cwd=cwd, timeout=timeout)
+                          env=env, cwd=cwd, timeout=timeout)
 
 
 def mlflow_runs(uri: str, sweep: str):
@@ -111,9 +126,9 @@ def _engine_ddp(rank, world, init_file, config_dict, output):
 
 
 @pytest.mark.extended  # default: 2-worker DDP trials run on the emulated cluster, and the engine's DDP = one process
-def test_a_two_worker_torchtrainer_trial_computes_what_the_engine_computes(tmp_path):
+def test_a_two_worker_torchtrainer_trial_computes_what_the_engine_computes(tmp_path, ray_address):
     path = sweep_file(tmp_path, "ddp", resources={"cpus": 0.5, "workers": 2})
-    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"), cwd=tmp_path)
+    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"), cwd=tmp_path, address=ray_address)
     assert done.returncode == 0, done.stderr[-3000:]
     (trial,) = trial_dirs(tmp_path / "rr" / "ddp")
     ray_metrics = results(trial)[-1]
@@ -136,10 +151,10 @@ def test_a_two_worker_torchtrainer_trial_computes_what_the_engine_computes(tmp_p
     assert abs(single["test/maxboxacc_v2"] - engine["test/maxboxacc_v2"]) < 10
 
 
-def test_impossible_resources_are_refused_before_anything_runs(tmp_path):
+def test_impossible_resources_are_refused_before_anything_runs(tmp_path, ray_address):
     path = sweep_file(tmp_path, "greedy", resources={"cpus": 1, "gpus": 1})
     start = time.monotonic()
-    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"), cwd=tmp_path)
+    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"), cwd=tmp_path, address=ray_address)
     assert done.returncode == 2
     assert f"error: {path}: resources.gpus: each trial worker needs GPU 1, but no node has that much (largest: 0;" \
         in done.stderr
@@ -147,10 +162,10 @@ def test_impossible_resources_are_refused_before_anything_runs(tmp_path):
 
 
 @pytest.mark.extended  # default: the emulated node kill retries a trial from its checkpoint, each epoch once in MLflow
-def test_a_failing_trial_resumes_from_its_checkpoint_and_finishes(tmp_path):
+def test_a_failing_trial_resumes_from_its_checkpoint_and_finishes(tmp_path, ray_address):
     base = {**TINY, "optim": {"epochs": 4}, "fault_drill_epoch": 2}
     path = sweep_file(tmp_path, "drill", base=base, max_failures=1)
-    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"), cwd=tmp_path)
+    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"), cwd=tmp_path, address=ray_address)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fault drill after epoch 2" in done.stdout + done.stderr
     (trial,) = trial_dirs(tmp_path / "rr" / "drill")
@@ -166,12 +181,12 @@ def test_a_failing_trial_resumes_from_its_checkpoint_and_finishes(tmp_path):
     assert history == [(1, 1), (2, 2), (3, 3), (4, 4)]
 
 
-def test_asha_stops_the_bad_trials_early(tmp_path):
+def test_asha_stops_the_bad_trials_early(tmp_path, ray_address):
     base = {**TINY, "optim": {"epochs": 4}}
     path = sweep_file(tmp_path, "asha", base=base, space={"optim.lr": {"grid": [0.3, 0.1, 1e-5, 1e-6]}},
                       scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
                       max_concurrent_trials=1)
-    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"), cwd=tmp_path)
+    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"), cwd=tmp_path, address=ray_address)
     assert done.returncode == 0, done.stderr[-3000:]
     epochs = {results(t)[-1]["config"]["grid"]["optim.lr"]: results(t)[-1]["training_iteration"]
               for t in trial_dirs(tmp_path / "rr" / "asha")}
@@ -179,12 +194,12 @@ def test_asha_stops_the_bad_trials_early(tmp_path):
     assert "stopped before their last epoch (by the scheduler" in done.stdout
 
 
-def test_population_based_training_exploits_and_mutates_in_process_trials(tmp_path):
+def test_population_based_training_exploits_and_mutates_in_process_trials(tmp_path, ray_address):
     base = {**TINY, "optim": {"epochs": 4}, "has": {"mixture": "24"}}
     path = sweep_file(tmp_path, "pbt", base=base, space={"optim.lr": {"loguniform": [0.01, 0.5]}},
                       search={"algorithm": "random", "num_samples": 4, "seed": 1},
                       scheduler={"name": "pbt", "perturbation_interval": 1}, max_concurrent_trials=2)
-    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"), cwd=tmp_path)
+    done = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "rr"), cwd=tmp_path, address=ray_address)
     assert done.returncode == 0, done.stderr[-3000:]
     experiment = tmp_path / "rr" / "pbt"
     exploits = [json.loads(line) for line in (experiment / "pbt_global.txt").read_text().splitlines() if line.strip()]
@@ -217,20 +232,22 @@ def test_population_based_training_exploits_and_mutates_in_process_trials(tmp_pa
                        for donor, lr in given), (point, given)
 
 
-def test_a_sweep_keeps_its_runs_when_its_storage_moves_and_a_new_sweep_of_its_name_gets_its_own(tmp_path):
+def test_a_sweep_keeps_its_runs_when_its_storage_moves_and_a_new_sweep_of_its_name_gets_its_own(tmp_path, ray_address):
     base = {**TINY, "optim": {"epochs": 1}}
     path = sweep_file(tmp_path, "moved", base=base, seeds=[0], space={"has.mixture": {"grid": ["none", "24"]}})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    first = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "old"), "--tracking-uri", uri, cwd=tmp_path)
+    first = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "old"), "--tracking-uri", uri,
+                      cwd=tmp_path, address=ray_address)
     assert first.returncode == 0, first.stderr[-3000:]
     sweep_id = json.loads((tmp_path / "old" / "moved" / "has_sweep.json").read_text())["sweep_id"]
     (tmp_path / "old").rename(tmp_path / "new")  # the storage moves (a bucket renamed, a disk remounted)
-    again = run_sweep("--resume", "moved", "--storage-path", str(tmp_path / "new"), "--tracking-uri", uri, cwd=tmp_path)
+    again = run_sweep("--resume", "moved", "--storage-path", str(tmp_path / "new"), "--tracking-uri", uri,
+                      cwd=tmp_path, address=ray_address)
     assert again.returncode == 0, again.stderr[-3000:]
     client, parents, children = mlflow_runs(uri, "moved")
     assert [p.data.tags["sweep_id"] for p in parents] == [sweep_id] and len(children) == 2  # its own runs again
     other = run_sweep("--space", str(path), "--storage-path", str(tmp_path / "elsewhere"), "--tracking-uri", uri,
-                      cwd=tmp_path)
+                      cwd=tmp_path, address=ray_address)
     assert other.returncode == 0, other.stderr[-3000:]
     client, parents, children = mlflow_runs(uri, "moved")
     assert len(parents) == 2 and len(children) == 4 and len({p.data.tags["sweep_id"] for p in parents}) == 2
