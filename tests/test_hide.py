@@ -54,14 +54,26 @@ def test_hide_fills_exactly_the_masked_pixels_and_keeps_the_rest():
 
 
 @pytest.mark.parametrize("mixture", [{4: 1}, {16: 1}, {7: 1}, PAPER_MIXTURE, {0: 1, 3: 2, 10: 1}])
-@pytest.mark.parametrize("fill", [0.0, "per_channel", "per_pixel"])
+@pytest.mark.parametrize("fill", [0.0, "per_channel", "per_channel_4d", "per_image", "per_image_scalar", "per_pixel",
+                                  "per_row", "per_plane_2d"])
 def test_vectorised_hide_equals_the_per_patch_loop(mixture, fill):
+    """On a CPU, float32: the one-pass kernel (trainers/hide_cpu.py), out of place and in place; in
+    channels_last: torch's masked path. Every fill shape the strategies return."""
     images = torch.randn(6, 3, 60, 60, generator=generator(1))
     params = sample_hide_params(images.shape, mixture, 0.5, generator(2))
     fill = {"per_channel": torch.tensor([0.5, -0.5, 2.0]),
-            "per_pixel": torch.randn(6, 3, 60, 60, generator=generator(3))}.get(fill, fill)
+            "per_channel_4d": torch.tensor([0.5, -0.5, 2.0]).view(1, 3, 1, 1),
+            "per_image": torch.randn(6, 3, 1, 1, generator=generator(4)),
+            "per_pixel": torch.randn(6, 3, 60, 60, generator=generator(3)),
+            "per_image_scalar": torch.randn(6, 1, 1, 1, generator=generator(6)),
+            "per_row": torch.randn(1, 3, 60, 1, generator=generator(5)),
+            "per_plane_2d": torch.randn(60, 60, generator=generator(7))}.get(fill, fill)
     expected = loop_hide(images, params.sizes.tolist(), params.grid, fill)
     assert torch.equal(hide(images, params, fill), expected)
+    batch = images.clone()
+    assert hide(batch, params, fill, inplace=True) is batch and torch.equal(batch, expected)
+    channels_last = images.to(memory_format=torch.channels_last)
+    assert torch.equal(hide(channels_last, params, fill), expected)
 
 
 def test_size_zero_leaves_every_pixel_untouched():
@@ -264,3 +276,39 @@ def test_hiding_in_place_writes_the_same_pixels_into_the_batch_itself(fill):
     result = apply_hide_mask(batch, mask, fill, inplace=True)
     assert result is batch and torch.equal(result, copy)
     assert torch.equal(copy[~mask[:, None].expand_as(copy)], images[~mask[:, None].expand_as(images)])
+
+
+def test_the_cpu_kernel_copies_kept_pixels_bit_for_bit_nan_and_negative_zero_included():
+    """hide_cpu selects bit patterns: a kept NaN stays that NaN, a kept -0.0 stays -0.0, a hidden one
+    becomes the fill, in place and out of place, as the per-patch loop (compared bit by bit)."""
+    images = torch.randn(3, 3, 12, 12, generator=generator(7))
+    images[:, :, ::3, ::2] = float("nan")
+    images[:, :, 1::3, 1::2] = -0.0
+    params = sample_hide_params(images.shape, {4: 1.0, 3: 1.0}, 0.5, generator(8))
+    expected = loop_hide(images, params.sizes.tolist(), params.grid, torch.tensor([0.25, -0.0, 7.0]))
+    for inplace in (False, True):
+        out = hide(images.clone(), params, torch.tensor([0.25, -0.0, 7.0]), inplace=inplace)
+        assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+
+
+def _hide_in_child(queue, images, params):
+    queue.put(hide(images, params, torch.tensor([0.5, -1.0, 2.0])).tolist())  # plain data: no shared memory
+
+
+def test_a_forked_child_hides_after_its_parent_used_the_cpu_kernel():
+    """numba's OpenMP layer aborts a forked child that launches a parallel kernel (a DataLoader
+    worker, a forked evaluator): there the torch path hides, with the same result."""
+    import multiprocessing
+
+    images = torch.randn(4, 3, 16, 16, generator=generator(9))
+    params = sample_hide_params(images.shape, {4: 1.0}, 0.5, generator(10))
+    expected = hide(images, params, torch.tensor([0.5, -1.0, 2.0]))  # the parent launches the kernel
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_hide_in_child, args=(queue, images, params))
+    child.start()
+    try:
+        assert torch.equal(torch.tensor(queue.get(timeout=60)), expected)
+    finally:
+        child.join(timeout=60)
+    assert child.exitcode == 0

@@ -2,7 +2,8 @@
 
 `sample_hide_params` draws, per image, a patch size from a mixture and a grid of hidden patches;
 `hide` turns those parameters into a pixel mask and fills the hidden pixels, vectorised over the
-batch on the batch's own device (no Python loop over images or patches).
+batch on the batch's own device (no Python loop over images or patches); a float32 batch on a CPU
+in one pass without a pixel mask (trainers/hide_cpu.py: the same bits, at about a clone's cost).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from trainers import hide_cpu
 from trainers.fills import FILL_STRATEGIES, FillStats
 
 Mixture = dict[int, float]
@@ -171,7 +173,7 @@ def apply_hide_mask(images: Tensor, mask: Tensor, fill: Tensor | float, inplace:
     `images` itself with inplace=True (no 4-byte-per-value allocation to fault in: the engine's way)."""
     if images.ndim != 4 or mask.shape != (images.shape[0], *images.shape[2:]):
         raise ValueError(f"mask: shape {tuple(mask.shape)} does not match images {tuple(images.shape)}; need (B, H, W)")
-    fill = torch.as_tensor(fill, dtype=images.dtype, device=images.device)
+    fill = _checked_fill(images, fill)
     channels = images.shape[1]
     if fill.numel() in (1, channels) and fill.ndim <= 1 or fill.shape == (1, channels, 1, 1):
         # One value per channel (the mean, zero fills): one masked copy per channel plane reads the
@@ -183,23 +185,34 @@ def apply_hide_mask(images: Tensor, mask: Tensor, fill: Tensor | float, inplace:
         return out
     if fill.ndim == 1 and fill.numel() == channels:
         fill = fill.view(-1, 1, 1)  # per-channel values
+    return torch.where(mask[:, None], fill, images, out=images) if inplace else torch.where(mask[:, None], fill, images)
+
+
+def _checked_fill(images: Tensor, fill: Tensor | float) -> Tensor:
+    """`fill` as a tensor of the batch's dtype and device that broadcasts to it (a scalar, (C,), ...)."""
+    fill = torch.as_tensor(fill, dtype=images.dtype, device=images.device)
+    channels = images.shape[1]
+    shape = (channels, 1, 1) if fill.ndim == 1 and fill.numel() == channels else fill.shape
     try:
-        torch.broadcast_shapes(fill.shape, images.shape)
+        torch.broadcast_shapes(shape, images.shape)
     except RuntimeError:
         raise ValueError(
             f"fill: shape {tuple(fill.shape)} does not broadcast to the batch {tuple(images.shape)}; "
             "allowed: a scalar, (C,), or a tensor broadcastable to (B, C, H, W)"
         ) from None
-    return torch.where(mask[:, None], fill, images, out=images) if inplace else torch.where(mask[:, None], fill, images)
+    return fill
 
 
-def hide(images: Tensor, params: HideParams, fill: Tensor | float) -> Tensor:
-    """Hide the patches chosen by `params` in `images` (B, C, H, W), filling them with `fill`."""
+def hide(images: Tensor, params: HideParams, fill: Tensor | float, inplace: bool = False) -> Tensor:
+    """Hide the patches chosen by `params` in `images` (B, C, H, W), filling them with `fill`: a new
+    tensor, or `images` itself with inplace=True. float32 on a CPU: one pass, no pixel mask (hide_cpu)."""
     if images.ndim != 4:
         raise ValueError(f"images: shape {tuple(images.shape)} is not (B, C, H, W)")
     if params.sizes.shape[0] != images.shape[0]:
         raise ValueError(f"params: drawn for {params.sizes.shape[0]} images, the batch has {images.shape[0]}")
-    return apply_hide_mask(images, hide_mask(params, *images.shape[2:]), fill)
+    if hide_cpu.supported(images):
+        return hide_cpu.hide_on_cpu(images, params.sizes, params.grid, _checked_fill(images, fill), inplace)
+    return apply_hide_mask(images, hide_mask(params, *images.shape[2:]), fill, inplace)
 
 
 class HideAndSeek(nn.Module):
@@ -233,8 +246,10 @@ class HideAndSeek(nn.Module):
                 "make the generator on the batch's device"
             )
         params = sample_hide_params(images.shape, self.mixture, self.p_hide, self.generator)
-        mask = hide_mask(params, *images.shape[2:])
+        mask = hide_mask(params, *images.shape[2:])  # for the fill strategy (the contract of fills.py)
         fill = self.fill_fn(images, mask, self.stats, self.generator)
+        if hide_cpu.supported(images):
+            return hide_cpu.hide_on_cpu(images, params.sizes, params.grid, _checked_fill(images, fill), self.inplace)
         return apply_hide_mask(images, mask, fill, inplace=self.inplace)
 
     def extra_repr(self) -> str:
