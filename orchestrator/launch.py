@@ -1,6 +1,7 @@
 """Starting a sweep on Ray: connect, check the cluster against the trials, build or restore the Tuner, fit."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -357,7 +358,8 @@ def launch(spec: SweepSpec, overrides: list[str], data: str | None, *, resume: b
                                           callbacks=list(callbacks), progress_reporter=progress_reporter(spec),
                                           verbose=1),
             )
-        grid = tuner.fit()
+        with state_period(spec.fields.storage.sync_seconds):
+            grid = tuner.fit()
         results = trial_results(spec, grid)
         table = build_table(results, choose_by=spec.choose_by, mode=spec.fields.mode)
         print(f"\nsweep {spec.name}: {len(results)} trials, results in {experiment}")
@@ -366,6 +368,22 @@ def launch(spec: SweepSpec, overrides: list[str], data: str | None, *, resume: b
         return 1 if any(r.status == "ERROR" for r in results) else 0
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def state_period(seconds: float):
+    """Tune saves the experiment state (which trials ended, the searcher) every TUNE_GLOBAL_CHECKPOINT_S
+    seconds, by default "auto": at least 10 s, and 19x the last save's time when saving is slow. The
+    state reaches storage only when saved, so that period, not SyncConfig's sync_period, is what a
+    killed driver loses: storage.sync_seconds sets both, unless the user set the variable."""
+    if "TUNE_GLOBAL_CHECKPOINT_S" in os.environ:
+        yield
+        return
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = f"{seconds:g}"
+    try:
+        yield
+    finally:
+        del os.environ["TUNE_GLOBAL_CHECKPOINT_S"]
 
 
 def _space_text(spec: SweepSpec) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from orchestrator.trial import ReportHook, TrainReportHook, TuneReportHook
 from trainers.checkpoint import list_checkpoints
@@ -57,3 +58,24 @@ def test_the_progress_table_is_sorted_by_the_metric_only_while_every_finished_tr
     assert not all_have("val/m", [{"val/m": 1.0}, {"epoch": 6}])
     assert not all_have("val/m", [{"val/m": None}])
     assert all_have("val/m", [])
+
+
+def test_the_driver_saves_its_state_as_often_as_storage_sync_seconds_says(monkeypatch):
+    """Tune saves (and uploads) its experiment state every TUNE_GLOBAL_CHECKPOINT_S seconds, "auto" (>= 10 s)
+    by default, whatever SyncConfig's sync_period says: a driver killed within that time lost which trials
+    ended (found by the driver-kill emulation test: a trial's end was never in S3 before the next one's)."""
+    import inspect
+
+    from ray.tune.execution.tune_controller import TuneController
+
+    from orchestrator.launch import state_period
+
+    assert 'os.getenv("TUNE_GLOBAL_CHECKPOINT_S", "auto")' in inspect.getsource(TuneController.__init__)
+    monkeypatch.delenv("TUNE_GLOBAL_CHECKPOINT_S", raising=False)
+    with state_period(1.5):
+        assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == "1.5"
+    assert "TUNE_GLOBAL_CHECKPOINT_S" not in os.environ
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "7")  # the user's own choice stands
+    with state_period(1.5):
+        assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == "7"
+    assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == "7"
