@@ -111,7 +111,8 @@ class SchedulerSpec:
 class StorageSpec:
     path: str = "ray_results"  # local folder or a pyarrow filesystem URI (s3://bucket/prefix)
     shared: bool = False  # a local path that every node mounts (NFS): allowed on a multi-node cluster
-    sync_seconds: float = 30.0  # how often the driver's state reaches storage: what a killed driver can lose
+    sync_seconds: float = 10.0  # how often the driver saves its state and syncs it to storage: what a killed
+    # driver can lose (Tune's own default: every 10 s or more)
 
 
 @dataclass(frozen=True)
@@ -282,6 +283,9 @@ def parse_space(text: str, source: str = "<sweep>") -> SweepSpec:
         raise _error(source, str(error)) from None
     if not fields_.seeds:
         raise _error(source, "seeds: at least one seed")
+    if not fields_.storage.sync_seconds > 0:
+        raise _error(source, f"storage.sync_seconds: {fields_.storage.sync_seconds:g} is not allowed; allowed: "
+                             "a number of seconds > 0 (how often the driver's state reaches storage)")
     try:
         check_sweep_name(fields_.name, f"{source}: name")
     except SweepInputError as error:

@@ -123,6 +123,7 @@ seeds: [3, 4]
     ("scheduler: {name: pbt}\nresources: {workers: 2}\nspace: {optim.lr: {uniform: [0.1, 0.2]}}",
      "sweep.yaml: scheduler.name: pbt needs Tune-level checkpoints"),
     ("space: [1, 2]", "sweep.yaml: space: a mapping of dotted keys"),
+    ("storage: {sync_seconds: 0}", "sweep.yaml: storage.sync_seconds: 0 is not allowed; allowed: a number of seconds > 0"),
     ("space: {optim.lr: {uniform: [0.1, 0.2]}\n", "sweep.yaml: not valid YAML"),
 ])
 def test_bad_sweep_files_are_refused_naming_the_file_and_the_key(text, message):
