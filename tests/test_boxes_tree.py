@@ -168,3 +168,30 @@ def test_ties_inside_a_hole_are_traced():
     assert tied.tolist() == [True]
     check_against_reference(image, gt, cam_thresholds(0.5))
     assert box_curve(image, gt, cam_thresholds(0.5), method="tree").box_all[0].tolist() == [1, 1, 12, 12]
+
+
+def reference_fill(image: np.ndarray) -> np.ndarray:
+    """fill_holes by its definition, level by level: {fill >= v} is everything but the 4-connected
+    regions of {image < v} that reach the edge (OpenCV's connected components)."""
+    filled = np.zeros_like(image)
+    for value in range(1, 256):
+        background = (image < value).astype(np.uint8)
+        labels = cv2.connectedComponents(background, connectivity=4)[1]
+        edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+        edge_background = np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])
+        outside = np.isin(labels, edge[edge_background > 0]) & (background > 0)
+        filled[~outside] = value
+    return filled
+
+
+def test_fill_holes_is_its_definition_on_adversarial_and_realistic_maps():
+    rng = np.random.default_rng(5)
+    maps = [adversarial_map(kind, rng) for kind in ADVERSARIAL for _ in range(15)]
+    maps += list(quantize_cams(sample_cams(6, 64, 48, seed=13)[0]))
+    rings = np.zeros((9, 9), dtype=np.uint8)  # a hole inside a ring inside a hole inside a ring
+    rings[1:8, 1:8], rings[2:7, 2:7], rings[3:6, 3:6], rings[4, 4] = 200, 10, 90, 3
+    maps.append(rings)
+    for image in maps:
+        assert fill_holes(image).tolist() == reference_fill(image).tolist(), image.tolist()
+    # everything inside the outer ring reaches the edge only over it; the edge keeps its 0
+    assert (fill_holes(rings)[1:8, 1:8] == 200).all() and fill_holes(rings).sum() == 49 * 200
