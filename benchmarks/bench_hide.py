@@ -40,9 +40,9 @@ def main() -> None:
 
         def ours():  # the whole step: draw parameters, fill values, mask and apply
             drawn = sample_hide_params(images.shape, mixture, 0.5, generator)
-            return hide(images, drawn, fill(images, None, stats, generator))
+            return hide(images, drawn, fill(images, stats, generator))
 
-        # The engine's step: the HideAndSeek module on the normalised batch (draw, fill, mask, apply).
+        # The engine's step: the HideAndSeek module on the normalised batch (draw, fill, apply; a CUDA batch: mask too).
         module = HideAndSeek(mixture, 0.5, "dataset_mean", stats, torch.Generator(device).manual_seed(1),
                              inplace=True).train()
         scratch = images.clone()  # the engine hides its own normalised batch in place

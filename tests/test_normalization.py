@@ -57,8 +57,7 @@ def test_the_synthetic_set_keeps_its_own_statistics_for_tiny_cnn_and_the_weights
 def test_the_dataset_mean_fill_is_the_same_colour_in_pixels_for_every_backbone(backbone):
     data = build_data(DataConfig(synthetic=SMALL), backbone=backbone)
     images = torch.zeros(1, 3, 4, 4)
-    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
-    fill = FILL_STRATEGIES["dataset_mean"](images, mask, data.fill_stats, torch.Generator().manual_seed(0))
+    fill = FILL_STRATEGIES["dataset_mean"](images, data.fill_stats, torch.Generator().manual_seed(0))
     value = fill.expand(1, 3, 4, 4)[0, :, 0, 0]  # the fill of a hidden pixel, normalised
     pixels = value * torch.tensor(data.std) + torch.tensor(data.mean)  # back to [0, 1] units
     reference = build_data(DataConfig(synthetic=SMALL), backbone="tiny_cnn").mean  # the dataset's own mean

@@ -1,7 +1,9 @@
 """Fill strategies: what a hidden pixel becomes. Searchable by name like any other parameter.
 
-Every strategy is `fill(images, mask, stats, generator) -> values` broadcastable to the batch, in
-the batch's own (normalised) space. `stats` carries the dataset statistics in that space.
+Every strategy is `fill(images, stats, generator) -> values` broadcastable to the batch, in the
+batch's own (normalised) space. `stats` carries the dataset statistics in that space. (No strategy
+needs to know which pixels are hidden: the values are taken where they are; DESIGN.md's contract
+passed the pixel mask too, which a CPU batch hidden in one pass never builds.)
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ class FillStats:
         return getattr(self, name).to(device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
 
 
-FillFn = Callable[[Tensor, Tensor, FillStats, torch.Generator], Tensor]
+FillFn = Callable[[Tensor, FillStats, torch.Generator], Tensor]
 FILL_STRATEGIES: Registry[FillFn] = Registry("fill strategy")
 
 # The blurred copy is the image seen at this resolution, upsampled back (bilinear).
@@ -64,32 +66,32 @@ BLUR_RESOLUTION = 8
 
 
 @FILL_STRATEGIES.register("dataset_mean")
-def fill_dataset_mean(images: Tensor, mask: Tensor, stats: FillStats, generator: torch.Generator) -> Tensor:
+def fill_dataset_mean(images: Tensor, stats: FillStats, generator: torch.Generator) -> Tensor:
     """The paper's: a first-layer filter then sees, in expectation, the same response as at test time."""
     return stats.channel("mean", images)
 
 
 @FILL_STRATEGIES.register("zero")
-def fill_zero(images: Tensor, mask: Tensor, stats: FillStats, generator: torch.Generator) -> Tensor:
+def fill_zero(images: Tensor, stats: FillStats, generator: torch.Generator) -> Tensor:
     """Black in pixel space: the naive hiding, whose statistics differ from every real image."""
     return stats.channel("black", images)
 
 
 @FILL_STRATEGIES.register("image_mean")
-def fill_image_mean(images: Tensor, mask: Tensor, stats: FillStats, generator: torch.Generator) -> Tensor:
+def fill_image_mean(images: Tensor, stats: FillStats, generator: torch.Generator) -> Tensor:
     """Each image's own mean colour: matches that image's statistics instead of the dataset's."""
     return images.mean(dim=(2, 3), keepdim=True)
 
 
 @FILL_STRATEGIES.register("gaussian_noise")
-def fill_gaussian_noise(images: Tensor, mask: Tensor, stats: FillStats, generator: torch.Generator) -> Tensor:
+def fill_gaussian_noise(images: Tensor, stats: FillStats, generator: torch.Generator) -> Tensor:
     """Noise with the dataset's mean and std: the energy of a real patch without its content."""
     noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
     return stats.channel("mean", images) + stats.channel("std", images) * noise
 
 
 @FILL_STRATEGIES.register("uniform_noise")
-def fill_uniform_noise(images: Tensor, mask: Tensor, stats: FillStats, generator: torch.Generator) -> Tensor:
+def fill_uniform_noise(images: Tensor, stats: FillStats, generator: torch.Generator) -> Tensor:
     """Uniform over the valid pixel range: maximal-entropy noise, no dataset statistics at all."""
     noise = torch.rand(images.shape, generator=generator, device=images.device, dtype=images.dtype)
     black = stats.channel("black", images)
@@ -97,14 +99,14 @@ def fill_uniform_noise(images: Tensor, mask: Tensor, stats: FillStats, generator
 
 
 @FILL_STRATEGIES.register("blur")
-def fill_blur(images: Tensor, mask: Tensor, stats: FillStats, generator: torch.Generator) -> Tensor:
+def fill_blur(images: Tensor, stats: FillStats, generator: torch.Generator) -> Tensor:
     """A strongly blurred copy: keeps colour and layout, removes the discriminative detail."""
     small = F.adaptive_avg_pool2d(images, BLUR_RESOLUTION)
     return F.interpolate(small, size=images.shape[2:], mode="bilinear", align_corners=False)
 
 
 @FILL_STRATEGIES.register("shuffle")
-def fill_shuffle(images: Tensor, mask: Tensor, stats: FillStats, generator: torch.Generator) -> Tensor:
+def fill_shuffle(images: Tensor, stats: FillStats, generator: torch.Generator) -> Tensor:
     """The same region of another image of the batch: natural content that is not this object."""
     batch = images.shape[0]
     if batch < 2:

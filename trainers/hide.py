@@ -246,11 +246,7 @@ class HideAndSeek(nn.Module):
                 "make the generator on the batch's device"
             )
         params = sample_hide_params(images.shape, self.mixture, self.p_hide, self.generator)
-        mask = hide_mask(params, *images.shape[2:])  # for the fill strategy (the contract of fills.py)
-        fill = self.fill_fn(images, mask, self.stats, self.generator)
-        if hide_cpu.supported(images):
-            return hide_cpu.hide_on_cpu(images, params.sizes, params.grid, _checked_fill(images, fill), self.inplace)
-        return apply_hide_mask(images, mask, fill, inplace=self.inplace)
+        return hide(images, params, self.fill_fn(images, self.stats, self.generator), inplace=self.inplace)
 
     def extra_repr(self) -> str:
         return f"mixture={format_mixture(self.mixture)}, p_hide={self.p_hide}, fill={self.fill_name}"
