@@ -41,41 +41,23 @@ def _column_masks(sizes, grid, height, width, masks, b):
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _hide_with_values(images, sizes, grid, masks, values, out, copy_kept):
-    """out[b, c] = images[b, c] with the hidden pixels set to values[b, c] (int32 bit patterns)."""
+def _hide(images, sizes, grid, masks, fill, out, copy_kept):
+    """out[b, c] = images[b, c] with the hidden pixels taken from fill[b, c] (int32 bits; its rows: one
+    per image row, or one for all of them)."""
     batch, channels, height, width = images.shape
+    per_row = fill.shape[2] > 1
     for b in numba.prange(batch):
         _column_masks(sizes, grid, height, width, masks, b)
         size = sizes[b]
         for c in range(channels):
-            value = values[b, c]
             for y in range(height):
                 source, target = images[b, c, y], out[b, c, y]
                 if size == 0:
                     if copy_kept:
                         target[:] = source
                     continue
-                mask = masks[b, y // size]
+                values, mask = fill[b, c, y if per_row else 0], masks[b, y // size]
                 for x in range(width):  # a bitwise select, vectorised
-                    target[x] = (source[x] & ~mask[x]) | (value & mask[x])
-
-
-@numba.njit(cache=True, nogil=True, parallel=True)
-def _hide_with_source(images, sizes, grid, masks, fill, out, copy_kept):
-    """out[b, c] = images[b, c] with the hidden pixels taken from fill[b, c] (same shape; int32 bits)."""
-    batch, channels, height, width = images.shape
-    for b in numba.prange(batch):
-        _column_masks(sizes, grid, height, width, masks, b)
-        size = sizes[b]
-        for c in range(channels):
-            for y in range(height):
-                source, target, values = images[b, c, y], out[b, c, y], fill[b, c, y]
-                if size == 0:
-                    if copy_kept:
-                        target[:] = source
-                    continue
-                mask = masks[b, y // size]
-                for x in range(width):
                     target[x] = (source[x] & ~mask[x]) | (values[x] & mask[x])
 
 
@@ -105,12 +87,9 @@ def hide_on_cpu(images: Tensor, sizes: Tensor, grid: Tensor, fill: Tensor, inpla
     try:
         if fill.ndim <= 1:  # a scalar or one value per channel
             fill = fill.reshape(1, -1, 1, 1)
-        if fill.shape[-2:] == (1, 1):  # one value per image and channel
-            values = fill.expand(batch, channels, 1, 1).reshape(batch, channels).contiguous()
-            _hide_with_values(bits(images), sizes_np, grid_np, masks, bits(values), bits(out), not inplace)
-        else:
-            full = fill.expand(batch, channels, height, width).contiguous()
-            _hide_with_source(bits(images), sizes_np, grid_np, masks, bits(full), bits(out), not inplace)
+        rows = height if fill.shape[-2] > 1 else 1  # one row of values serves every row it can
+        full = fill.expand(batch, channels, rows, width).contiguous()
+        _hide(bits(images), sizes_np, grid_np, masks, bits(full), bits(out), not inplace)
     finally:
         numba.set_num_threads(previous)
     return out
