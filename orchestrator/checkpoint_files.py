@@ -102,7 +102,7 @@ def result_rows(filesystem, path: str, epochs: range) -> dict[int, dict]:
     try:
         with filesystem.open_input_stream(path) as stream:
             text = stream.read().decode()
-    except (OSError, FileNotFoundError):
+    except OSError:  # FileNotFoundError included
         return {}
     rows = {}
     for line in text.splitlines():

@@ -38,9 +38,6 @@ def never_fails(hook):
     return guarded
 
 
-logged_metrics = engine_metrics  # the engine's metrics of a Tune result (split/name keys and the epoch)
-
-
 def results_file(trial) -> CheckpointLocation | None:
     """The trial's Tune results file (result.json: a row per report) in the sweep's storage."""
     try:
@@ -147,7 +144,7 @@ class MlflowCallback(Callback):
             self.tracker.fill_gap(trial.trial_id, step, self._checkpoint_folder(trial, location), results_file(trial))
         self.last_steps[trial.trial_id] = max(step, last or 0)
         self._mutations(trial, step, result)
-        self.tracker.log_metrics(trial.trial_id, logged_metrics(result), step)
+        self.tracker.log_metrics(trial.trial_id, engine_metrics(result), step)
         if location is not None:  # multi-worker trials: Ray Train's checkpoint, in the sweep's storage
             self.tracker.log_evaluation(trial.trial_id, location)
 
@@ -257,7 +254,7 @@ class MlflowCallback(Callback):
             status = trial.status
             if status == "TERMINATED" and epochs[trial.trial_id] < config.get("optim.epochs", 0):
                 status = "STOPPED"
-            results.append(TrialResult(config, logged_metrics(last), status, trial.trial_id))
+            results.append(TrialResult(config, engine_metrics(last), status, trial.trial_id))
         table = build_table(results, choose_by=self.spec.choose_by, mode=self.spec.fields.mode)
         folder = Path(tempfile.mkdtemp(prefix=f"report-{self.spec.name}-"))
         write_report(table, folder, parse_baseline(self.spec.fields.baseline))
