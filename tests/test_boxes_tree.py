@@ -11,7 +11,7 @@ import pytest
 
 from cam_samples import sample_boxes, sample_cams
 from trainers.boxes import box_curve, cam_thresholds, distinct_maps
-from trainers.boxes_tree import fill_holes, level_boxes, upper_components
+from trainers.boxes_tree import fill_holes, level_boxes
 from trainers.localize import quantize_cams
 from wsol_reference import reference_boxes_u8, reference_curve_u8
 
@@ -134,7 +134,7 @@ def test_largest_component_is_opencvs_largest_contour():
         if len(outer) == 1:
             single += 1
             assert cv2.contourArea(outer[0]) == cell_area(fill_holes(binary) > 0), kind
-        box = upper_components(fill_holes(binary), fill_holes(binary), np.array([1]), np.zeros((1, 4), dtype=np.int64), False, True)[4]
+        box = level_boxes(binary, np.array([1]), np.zeros((1, 4), dtype=np.int64))[4]
         assert box[0].tolist() == reference_boxes_u8(binary, 0.0, multi_contour=False)[0], kind
     assert single > 20
 
@@ -149,25 +149,59 @@ def test_tied_boxes_are_ordered_as_opencv_lists_them():
     image[2:5, 8:11] = 200
     gt = np.array([[3, 2, 9, 4]])
     values, _ = distinct_maps(image, cam_thresholds(0.5))
-    iou, box, _, tied = level_boxes(image, values, gt)
+    iou, box, _, tied, _ = level_boxes(image, values, gt)
     assert tied.tolist() == [False] and iou.tolist() == [6 / 31] and box.tolist() == [[8, 2, 11, 5]]
     assert box_curve(image, gt, cam_thresholds(0.5), method="tree").box_all.tolist() == [[8, 2, 11, 5], [8, 2, 11, 5]]
 
 
-def test_ties_inside_a_hole_are_traced():
+def test_ties_at_iou_zero_go_to_the_last_outermost_component():
     # A ring with a block in its hole, a ground-truth box far from both: IoU 0 for the ring, its
-    # hole and the block. The block is nested (its first pixel's upper neighbour is in the hole),
-    # so which box OpenCV lists first is left to findContours: the ring's outer border.
+    # hole and the block, so every contour ties and OpenCV's first is the last-starting outermost
+    # component (here the only one): the ring's outer border, decided without tracing.
     image = np.zeros((16, 16), dtype=np.uint8)
     image[1:12, 1:12] = 100
     image[3:10, 3:10] = 0
     image[5:8, 5:8] = 100
     gt = np.array([[14, 14, 15, 15]])
     values, _ = distinct_maps(image, cam_thresholds(0.5))
-    tied = level_boxes(image, values, gt)[3]
-    assert tied.tolist() == [True]
+    iou, box, _, tied, _ = level_boxes(image, values, gt)
+    assert tied.tolist() == [False] and iou.tolist() == [0.0] and box.tolist() == [[1, 1, 12, 12]]
     check_against_reference(image, gt, cam_thresholds(0.5))
-    assert box_curve(image, gt, cam_thresholds(0.5), method="tree").box_all[0].tolist() == [1, 1, 12, 12]
+
+
+@pytest.mark.parametrize("kind", ("noise", "nested", "diagonal", "sparse"))
+def test_maps_far_from_the_ground_truth_match_the_reference_without_tracing(kind):
+    # Every box misses the ground truth: every level is an all-way tie at IoU 0, nested components
+    # and holes included, and OpenCV's first contour decides the box at every threshold.
+    rng = np.random.default_rng(17 + ADVERSARIAL.index(kind))
+    thresholds = cam_thresholds(0.01)
+    for _ in range(60):
+        image = adversarial_map(kind, rng)
+        height, width = image.shape
+        canvas = np.zeros((height + 6, width + 6), dtype=np.uint8)
+        canvas[:height, :width] = image
+        gt = np.array([[width + 4, height + 4, width + 5, height + 5]])
+        values, _ = distinct_maps(canvas, thresholds)
+        assert not level_boxes(canvas, values, gt)[3].any()
+        check_against_reference(canvas, gt, thresholds)
+
+
+def test_ties_between_nested_components_are_traced():
+    # Two equal blocks in the hole of a ring, a ground-truth box between them: IoU 3/28 for each
+    # block ([5, 6, 8, 9] and [12, 6, 15, 9]), less for the ring ([1, 1, 19, 15]: 15/285) and its
+    # hole ([2, 2, 17, 13]: 15/192). Both blocks are nested: OpenCV lists them after the ring and
+    # its hole, the later-starting one first; that order is left to findContours.
+    image = np.zeros((16, 20), dtype=np.uint8)
+    image[1:15, 1:19] = 100
+    image[3:13, 3:17] = 0
+    image[6:9, 5:8] = 100
+    image[6:9, 12:15] = 100
+    gt = np.array([[8, 6, 12, 8]])
+    values, _ = distinct_maps(image, cam_thresholds(0.5))
+    iou, _, _, tied, _ = level_boxes(image, values, gt)
+    assert tied.tolist() == [True] and iou.tolist() == [3 / 28]
+    check_against_reference(image, gt, cam_thresholds(0.5))
+    assert box_curve(image, gt, cam_thresholds(0.5), method="tree").box_all[0].tolist() == [12, 6, 15, 9]
 
 
 def reference_fill(image: np.ndarray) -> np.ndarray:

@@ -74,7 +74,7 @@ def box_curve(scoremap_u8: np.ndarray, gt_boxes: np.ndarray, thresholds: np.ndar
         method = "tree" if len(values) >= TREE_FROM_MAPS else "traced"
     if len(values):
         if method == "tree":
-            iou, box, largest, tied = level_boxes(scoremap_u8, values, gt_boxes)
+            iou, box, largest, tied, _ = level_boxes(scoremap_u8, values, gt_boxes)
             if tied.any():
                 box[tied] = traced_level_boxes(scoremap_u8, values[tied], gt_boxes)[1]
         elif method == "traced":

@@ -51,18 +51,23 @@ def _find(parent: np.ndarray, node: int) -> int:
 
 
 @numba.njit(**_JIT)
-def _by_value(flat: np.ndarray):
-    """Pixel indices sorted by value (raster order within a value) and each value's start (257,)."""
+def _by_value(image: np.ndarray):
+    """Every pixel as y << 16 | x, sorted by value (raster order within a value), and each value's
+    start (257,): a counting sort."""
+    height, width = image.shape
     starts = np.zeros(257, np.int64)
-    for value in flat:
-        starts[value + 1] += 1
+    for y in range(height):
+        for x in range(width):
+            starts[image[y, x] + 1] += 1
     for value in range(256):
         starts[value + 1] += starts[value]
-    order = np.empty(len(flat), np.int64)
-    fill = starts[:256].copy()
-    for index in range(len(flat)):
-        order[fill[flat[index]]] = index
-        fill[flat[index]] += 1
+    order = np.empty(height * width, np.int32)
+    slot = starts[:256].copy()
+    for y in range(height):
+        for x in range(width):
+            value = image[y, x]
+            order[slot[value]] = y << 16 | x
+            slot[value] += 1
     return order, starts
 
 
@@ -83,180 +88,272 @@ def _best_iou(x0: int, y0: int, x1: int, y1: int, gt: np.ndarray) -> float:
     return best
 
 
+# The eight neighbours of a pixel, around it: NW, N, NE, E, SE, S, SW, W (dx, dy).
+RING = ((-1, -1), (0, -1), (1, -1), (1, 0), (1, 1), (0, 1), (-1, 1), (-1, 0))
+# Root attributes, one row of int32 per root (one cache line a root instead of one per array).
+LEFT, TOP, RIGHT, BOTTOM, FIRST, SIZE, AREA2 = range(7)
+
+
+def _ring_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per set of added neighbours (a bit per RING position): one neighbour of each group of them
+    that are 8-adjacent to each other (those are in one component already: one find a group instead
+    of one a neighbour), and how much twice the cell area grows when the pixel joins them (each of
+    its four cells with two of its other three corners in gets its third or fourth: +1/2 area)."""
+    adjacent = [[i != j and max(abs(RING[i][0] - RING[j][0]), abs(RING[i][1] - RING[j][1])) == 1
+                 for j in range(8)] for i in range(8)]
+    cells = ((0, 1, 7), (1, 2, 3), (3, 4, 5), (5, 6, 7))  # the other corners of the four cells
+    groups = np.zeros((256, 4), np.int64)
+    n_groups = np.zeros(256, np.int64)
+    area_gain = np.zeros(256, np.int32)
+    for mask in range(256):
+        unseen = {i for i in range(8) if mask >> i & 1}
+        while unseen:
+            seed = min(unseen)
+            groups[mask, n_groups[mask]] = seed
+            n_groups[mask] += 1
+            stack = [seed]
+            unseen.discard(seed)
+            while stack:
+                i = stack.pop()
+                for j in [j for j in unseen if adjacent[i][j]]:
+                    unseen.discard(j)
+                    stack.append(j)
+        area_gain[mask] = sum(sum(mask >> i & 1 for i in cell) >= 2 for cell in cells)
+    return groups, n_groups, area_gain
+
+
+GROUPS, N_GROUPS, AREA_GAIN = _ring_tables()
+
+
 @numba.njit(**_JIT)
-def _join(parent, size, left, top, right, bottom, first, area2, a: int, b: int) -> int:
+def _join(parent, attrs, a: int, b: int) -> int:
     """Union of two roots (by size); the surviving root carries the box, first pixel and area."""
-    keep, gone = (a, b) if size[a] >= size[b] else (b, a)
+    keep, gone = (a, b) if attrs[a, SIZE] >= attrs[b, SIZE] else (b, a)
     parent[gone] = keep
-    size[keep] += size[gone]
-    left[keep] = min(left[keep], left[gone])
-    right[keep] = max(right[keep], right[gone])
-    top[keep] = min(top[keep], top[gone])
-    bottom[keep] = max(bottom[keep], bottom[gone])
-    first[keep] = min(first[keep], first[gone])
-    area2[keep] += area2[gone]
+    attrs[keep, SIZE] += attrs[gone, SIZE]
+    attrs[keep, LEFT] = min(attrs[keep, LEFT], attrs[gone, LEFT])
+    attrs[keep, TOP] = min(attrs[keep, TOP], attrs[gone, TOP])
+    attrs[keep, RIGHT] = max(attrs[keep, RIGHT], attrs[gone, RIGHT])
+    attrs[keep, BOTTOM] = max(attrs[keep, BOTTOM], attrs[gone, BOTTOM])
+    attrs[keep, FIRST] = min(attrs[keep, FIRST], attrs[gone, FIRST])
+    attrs[keep, AREA2] += attrs[gone, AREA2]
     return keep
 
 
-@numba.njit(**_JIT)
-def _add(parent, size, left, top, right, bottom, first, area2, pixel: int, root: int, x: int, y: int) -> bool:
+@numba.njit(inline="always", **_JIT)
+def _add(parent, attrs, pixel: int, root: int, x: int, y: int, first: int, area2: int) -> bool:
     """Put a new pixel into the component `root` (-1: none yet, it starts its own). True if new."""
     if root < 0:
         parent[pixel] = pixel
-        size[pixel] = 1
-        left[pixel] = right[pixel] = x
-        top[pixel] = bottom[pixel] = y
-        first[pixel] = pixel
-        area2[pixel] = 0
+        attrs[pixel, SIZE] = 1
+        attrs[pixel, LEFT] = attrs[pixel, RIGHT] = x
+        attrs[pixel, TOP] = attrs[pixel, BOTTOM] = y
+        attrs[pixel, FIRST] = first
+        attrs[pixel, AREA2] = area2
         return True
     parent[pixel] = root
-    size[root] += 1
-    left[root] = min(left[root], x)
-    right[root] = max(right[root], x)
-    top[root] = min(top[root], y)
-    bottom[root] = max(bottom[root], y)
-    first[root] = min(first[root], pixel)
+    attrs[root, SIZE] += 1
+    attrs[root, LEFT] = min(attrs[root, LEFT], x)
+    attrs[root, RIGHT] = max(attrs[root, RIGHT], x)
+    attrs[root, TOP] = min(attrs[root, TOP], y)
+    attrs[root, BOTTOM] = max(attrs[root, BOTTOM], y)
+    attrs[root, FIRST] = min(attrs[root, FIRST], first)
+    attrs[root, AREA2] += area2
     return False
 
 
-@numba.njit(**_JIT)
-def upper_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, gt: np.ndarray, best: bool,
-                     largest: bool):
-    """The 8-connected components of {image >= v} for every v of `values` (ascending, each present).
+@numba.njit(inline="always", **_JIT)
+def _insert(parent, attrs, pixel: int, x: int, y: int, first: int, offsets) -> bool:
+    """Add one pixel of the padded map to the 8-connected union-find (`offsets`: its RING neighbours'
+    index steps); True if it starts a component."""
+    above, below = pixel + offsets[1], pixel + offsets[5]
+    mask = (int(parent[above - 1] >= 0) | int(parent[above] >= 0) << 1 | int(parent[above + 1] >= 0) << 2
+            | int(parent[pixel + 1] >= 0) << 3 | int(parent[below + 1] >= 0) << 4
+            | int(parent[below] >= 0) << 5 | int(parent[below - 1] >= 0) << 6 | int(parent[pixel - 1] >= 0) << 7)
+    root = -1
+    for group in range(N_GROUPS[mask]):
+        other = _find(parent, pixel + offsets[GROUPS[mask, group]])
+        if root < 0:
+            root = other
+        elif other != root:
+            root = _join(parent, attrs, root, other)
+    return _add(parent, attrs, pixel, root, x, y, first, AREA_GAIN[mask])
 
-    Per v: with `best`, the best IoU of a component's box and its box, the first in OpenCV's order
-    of equally good different boxes when they are all outermost components (`filled` =
-    fill_holes(image) tells: the pixel above an outermost component's first pixel is outside), else
-    a flag for the caller to trace that level; with `largest`, the IoU of the box of the component
-    with the largest cell area, the last to start in raster order of equally large ones, and that box.
+
+@numba.njit(**_JIT)
+def _live_roots(parent, candidates, n_candidates: int) -> int:
+    """Keep the candidates that are still roots at the front; their count."""
+    kept = 0
+    for position in range(n_candidates):
+        node = candidates[position]
+        if parent[node] == node:
+            candidates[kept] = node
+            kept += 1
+    return kept
+
+
+@numba.njit(**_JIT)
+def _best_component(attrs, roots, filled, value: int, width: int, height: int, gt, box, ties):
+    """The best IoU of a box of the components `roots` of {image >= value}; its box into `box`, and
+    into `ties`: whether equally good boxes differ, the first pixel of the last-starting outermost
+    component among them (-1: none; `filled` = fill_holes(image) tells: the pixel above an outermost
+    component's first pixel is outside), and that of the last-starting nested one (-1: none).
+
+    Of equally good boxes `box` is the lead's when there is one (OpenCV lists outermost contours in
+    reverse raster order of their first pixel, each before what it encloses), else the first seen.
+    """
+    top_iou = -1.0
+    differ = False
+    lead_first = nested_first = -1
+    lead_x0 = lead_y0 = lead_x1 = lead_y1 = 0
+    for node in roots:
+        x0, y0 = attrs[node, LEFT], attrs[node, TOP]
+        x1, y1 = min(attrs[node, RIGHT] + 1, width - 1), min(attrs[node, BOTTOM] + 1, height - 1)
+        iou = _best_iou(x0, y0, x1, y1, gt)
+        if iou < top_iou:
+            continue
+        start = attrs[node, FIRST]
+        outermost = start < width or filled.flat[start - width] < value
+        if iou > top_iou:  # a new best
+            top_iou = iou
+            box[0], box[1], box[2], box[3] = x0, y0, x1, y1
+            differ = False
+            lead_first = nested_first = -1
+        else:
+            differ = differ or x0 != box[0] or y0 != box[1] or x1 != box[2] or y1 != box[3]
+        if not outermost:
+            nested_first = max(nested_first, start)
+        elif start > lead_first:
+            lead_first = start
+            lead_x0, lead_y0, lead_x1, lead_y1 = x0, y0, x1, y1
+    if differ and lead_first >= 0:
+        box[0], box[1], box[2], box[3] = lead_x0, lead_y0, lead_x1, lead_y1
+    ties[0], ties[1], ties[2] = differ, lead_first, nested_first
+    return top_iou
+
+
+@numba.njit(**_JIT)
+def _largest_component(attrs, roots, width: int, height: int, box) -> None:
+    """The box of the component with the largest cell area (into `box`), the last to start in raster
+    order of equally large ones."""
+    top_area = top_first = -1
+    for node in roots:
+        area2, start = attrs[node, AREA2], attrs[node, FIRST]
+        if area2 > top_area or (area2 == top_area and start > top_first):
+            top_area, top_first = area2, start
+            box[0], box[1] = attrs[node, LEFT], attrs[node, TOP]
+            box[2], box[3] = min(attrs[node, RIGHT] + 1, width - 1), min(attrs[node, BOTTOM] + 1, height - 1)
+
+
+@numba.njit(**_JIT)
+def upper_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, gt: np.ndarray):
+    """The 8-connected components of {image >= v} and of {filled >= v} (filled = fill_holes(image))
+    for every v of `values` (ascending, each present), from one pass down the values.
+
+    Per v: the best IoU of a component box of {image >= v} and that box, with a flag where OpenCV's
+    order of two different boxes of that IoU is left to the caller (see _best_component); the box of
+    the component of {filled >= v} with the largest cell area (V1) and its IoU.
+
+    {filled >= v} is {image >= v} but at the levels that have holes (image < v <= filled somewhere):
+    the second union-find starts as a copy of the first at the highest of them and stops below the
+    lowest; elsewhere V1 reads the first.
     """
     height, width = image.shape
-    flat = image.ravel()
-    count = height * width
-    order, starts = _by_value(flat)
-    parent = np.full(count, -1, np.int32)  # -1: not added yet
-    size = np.empty(count, np.int32)
-    left = np.empty(count, np.int32)
-    top = np.empty(count, np.int32)
-    right = np.empty(count, np.int32)
-    bottom = np.empty(count, np.int32)
-    first = np.empty(count, np.int32)  # the component's first pixel in raster order
-    area2 = np.empty(count, np.int32)  # twice the cell area (largest=True)
-    cell_w = max(width - 1, 0)
-    corners = np.zeros(max(height - 1, 0) * cell_w, np.uint8)
-    candidates = np.empty(count, np.int32)  # every root made, dropped once merged
-    offsets = np.array([-width - 1, -width, -width + 1, -1, 1, width - 1, width, width + 1], np.int64)
+    order, starts = _by_value(image)
+    hole_low, hole_high = 256, -1  # the levels with holes: hole_low <= v <= hole_high
+    n_hole_pixels = 0
+    hole_starts = np.zeros(257, np.int64)  # hole pixels counted by filled value
+    for y in range(height):
+        for x in range(width):
+            if filled[y, x] > image[y, x]:
+                hole_low = min(hole_low, image[y, x] + 1)
+                hole_high = max(hole_high, filled[y, x])
+                hole_starts[filled[y, x] + 1] += 1
+                n_hole_pixels += 1
+    for value in range(256):
+        hole_starts[value + 1] += hole_starts[value]
+    hole_order = np.empty(n_hole_pixels, np.int32)  # hole pixels as y << 16 | x by filled value
+    slot = hole_starts[:256].copy()
+    for y in range(height):
+        for x in range(width):
+            if filled[y, x] > image[y, x]:
+                hole_order[slot[filled[y, x]]] = y << 16 | x
+                slot[filled[y, x]] += 1
+    # Union-finds over the map padded with a pixel that is never added on every side: no bounds to
+    # check. A component's row of attributes is at its root's padded index; FIRST is a raster index.
+    padded = width + 2
+    size = (height + 2) * padded
+    offsets = np.empty(8, np.int64)
+    for step in range(8):
+        offsets[step] = RING[step][1] * padded + RING[step][0]
+    parent = np.full(size, -1, np.int32)  # -1: not added yet
+    attrs = np.empty((size, 8), np.int32)
+    candidates = np.empty(height * width, np.int32)  # every root made, dropped once merged
     n_candidates = 0
+    filled_parent = np.empty(size if n_hole_pixels else 0, np.int32)
+    filled_attrs = np.empty((size if n_hole_pixels else 0, 8), np.int32)
+    filled_candidates = np.empty(height * width if n_hole_pixels else 0, np.int32)
+    n_filled = 0
     n_values = len(values)
     out_iou = np.zeros(n_values)
     out_box = np.zeros((n_values, 4), np.int64)
-    out_tied = np.zeros(n_values, np.bool_)
+    out_ties = np.zeros((n_values, 3), np.int64)  # per level: boxes differ, lead's and nested's first pixel
     out_largest = np.zeros(n_values)
     out_largest_box = np.zeros((n_values, 4), np.int64)
     index = n_values - 1
     for value in range(255, -1, -1):
         if index < 0:
             break
+        if value == hole_high:  # {filled >= v} = {image >= v} above: start from a copy
+            filled_parent[:] = parent
+            n_candidates = _live_roots(parent, candidates, n_candidates)
+            for position in range(n_candidates):
+                filled_attrs[candidates[position]] = attrs[candidates[position]]
+                filled_candidates[position] = candidates[position]
+            n_filled = n_candidates
+        in_holes = hole_low <= value <= hole_high
         for position in range(starts[value], starts[value + 1]):
-            pixel = order[position]
-            y = pixel // width
-            x = pixel - y * width
-            root = -1
-            if 0 < y < height - 1 and 0 < x < width - 1:  # inside: eight neighbours, no bounds to check
-                for step in range(8):
-                    neighbour = pixel + offsets[step]
-                    linked = parent[neighbour]
-                    if linked < 0 or linked == root:  # not added yet, or already in this component
-                        continue
-                    other = _find(parent, neighbour)
-                    if root < 0:
-                        root = other
-                    elif other != root:
-                        root = _join(parent, size, left, top, right, bottom, first, area2, root, other)
-            else:
-                for ny in range(max(y - 1, 0), min(y + 2, height)):
-                    row = ny * width
-                    for nx in range(max(x - 1, 0), min(x + 2, width)):
-                        if parent[row + nx] < 0:  # not added yet (the pixel itself included)
-                            continue
-                        other = _find(parent, row + nx)
-                        if root < 0:
-                            root = other
-                        elif other != root:
-                            root = _join(parent, size, left, top, right, bottom, first, area2, root, other)
-            if _add(parent, size, left, top, right, bottom, first, area2, pixel, root, x, y):
-                root = pixel
+            y = order[position] >> 16
+            x = order[position] & 0xFFFF
+            pixel = (y + 1) * padded + x + 1
+            if _insert(parent, attrs, pixel, x, y, y * width + x, offsets):
                 candidates[n_candidates] = pixel
                 n_candidates += 1
-            if largest:  # the cells this pixel is a corner of: a third corner adds 1/2, the fourth 1/2
-                for cy in range(max(y - 1, 0), min(y + 1, height - 1)):
-                    for cx in range(max(x - 1, 0), min(x + 1, width - 1)):
-                        cell = cy * cell_w + cx
-                        corners[cell] += 1
-                        if corners[cell] >= 3:
-                            area2[root] += 1
+            # a pixel of a hole joined the filled map at its filled value, above
+            if in_holes and filled[y, x] == value:
+                if _insert(filled_parent, filled_attrs, pixel, x, y, y * width + x, offsets):
+                    filled_candidates[n_filled] = pixel
+                    n_filled += 1
+        if in_holes:
+            for position in range(hole_starts[value], hole_starts[value + 1]):
+                y = hole_order[position] >> 16
+                x = hole_order[position] & 0xFFFF
+                pixel = (y + 1) * padded + x + 1
+                if _insert(filled_parent, filled_attrs, pixel, x, y, y * width + x, offsets):
+                    filled_candidates[n_filled] = pixel
+                    n_filled += 1
         if value != values[index]:
             continue
-        kept = 0
-        top_iou = -1.0
-        differ = nested = False
-        lead_first = -1
-        lead_x0 = lead_y0 = lead_x1 = lead_y1 = 0
-        top_area = -1
-        top_first = -1
-        for position in range(n_candidates):
-            node = candidates[position]
-            if parent[node] != node:
-                continue
-            candidates[kept] = node
-            kept += 1
-            x0, y0 = left[node], top[node]
-            x1, y1 = min(right[node] + 1, width - 1), min(bottom[node] + 1, height - 1)
-            if largest and (area2[node] > top_area or (area2[node] == top_area and first[node] > top_first)):
-                top_area, top_first = area2[node], first[node]
-                out_largest_box[index, 0], out_largest_box[index, 1] = x0, y0
-                out_largest_box[index, 2], out_largest_box[index, 3] = x1, y1
-            if not best:
-                continue
-            iou = _best_iou(x0, y0, x1, y1, gt)
-            if iou < top_iou:
-                continue
-            start = first[node]
-            outermost = start < width or filled.flat[start - width] < value
-            if iou > top_iou:  # a new best: the first box seen, and the outermost one to list first
-                top_iou = iou
-                out_box[index, 0], out_box[index, 1], out_box[index, 2], out_box[index, 3] = x0, y0, x1, y1
-                differ, nested = False, not outermost
-                lead_first = start if outermost else -1
-                lead_x0, lead_y0, lead_x1, lead_y1 = x0, y0, x1, y1
-                continue
-            differ = differ or x0 != out_box[index, 0] or y0 != out_box[index, 1] \
-                or x1 != out_box[index, 2] or y1 != out_box[index, 3]
-            if not outermost:
-                nested = True
-            elif start > lead_first:  # OpenCV lists outermost contours in reverse raster order
-                lead_first = start
-                lead_x0, lead_y0, lead_x1, lead_y1 = x0, y0, x1, y1
-        if best and differ:
-            if nested:
-                out_tied[index] = True
-            else:
-                out_box[index, 0], out_box[index, 1], out_box[index, 2], out_box[index, 3] = \
-                    lead_x0, lead_y0, lead_x1, lead_y1
-        n_candidates = kept
-        out_iou[index] = top_iou
-        if largest:
-            box = out_largest_box[index]
-            out_largest[index] = _best_iou(box[0], box[1], box[2], box[3], gt)
+        n_candidates = _live_roots(parent, candidates, n_candidates)
+        out_iou[index] = _best_component(attrs, candidates[:n_candidates], filled, value, width, height, gt,
+                                         out_box[index], out_ties[index])
+        if in_holes:
+            n_filled = _live_roots(filled_parent, filled_candidates, n_filled)
+            _largest_component(filled_attrs, filled_candidates[:n_filled], width, height, out_largest_box[index])
+        else:
+            _largest_component(attrs, candidates[:n_candidates], width, height, out_largest_box[index])
+        box = out_largest_box[index]
+        out_largest[index] = _best_iou(box[0], box[1], box[2], box[3], gt)
         index -= 1
-    return out_iou, out_box, out_tied, out_largest, out_largest_box
+    return out_iou, out_box, out_ties, out_largest, out_largest_box
 
 
 @numba.njit(**_JIT)
 def hole_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, gt: np.ndarray):
     """The holes of {image >= v} for every v of `values` (ascending): 4-connected regions of
     {image < v} off the image's edge. Per v: best IoU of a hole border's box (-1 without holes),
-    that box, and whether a hole with a different box has the same IoU.
+    that box, whether a hole with a different box has the same IoU, and the first pixel of the
+    last-starting hole with that IoU.
 
     `filled` = fill_holes(image). A pixel is in a hole at level v exactly when image < v <= filled,
     and `filled` is the same over a hole (two pixels joined below v have the same lowest path to the
@@ -280,12 +377,7 @@ def hole_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, g
             order[slot[flat[pixel]]] = pixel
             slot[flat[pixel]] += 1
     parent = np.full(count, -1, np.int32)  # -1: not a hole pixel, or not in yet
-    size = np.empty(count, np.int32)
-    left = np.empty(count, np.int32)
-    top = np.empty(count, np.int32)
-    right = np.empty(count, np.int32)
-    bottom = np.empty(count, np.int32)
-    unused = np.empty(count, np.int32)  # first pixel and area: not needed for holes
+    attrs = np.empty((count, 8), np.int32)  # first pixel and area: not needed for holes
     candidates = np.empty(max(len(order), 1), np.int32)
     offsets = np.array([-width, width, -1, 1], np.int64)
     n_candidates = 0
@@ -293,6 +385,7 @@ def hole_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, g
     out_iou = np.full(n_values, -1.0)
     out_box = np.zeros((n_values, 4), np.int64)
     out_tied = np.zeros(n_values, np.bool_)
+    out_last = np.full(n_values, -1, np.int64)  # the first pixel of the last-starting best hole
     added = 0  # every value below this one is in
     for index in range(n_values):
         while added < values[index]:
@@ -310,8 +403,8 @@ def hole_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, g
                     if root < 0:
                         root = other
                     elif other != root:
-                        root = _join(parent, size, left, top, right, bottom, unused, unused, root, other)
-                if _add(parent, size, left, top, right, bottom, unused, unused, pixel, root, x, y):
+                        root = _join(parent, attrs, root, other)
+                if _add(parent, attrs, pixel, root, x, y, pixel, 0):
                     candidates[n_candidates] = pixel
                     n_candidates += 1
             added += 1
@@ -326,19 +419,23 @@ def hole_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, g
                 continue
             candidates[kept] = node
             kept += 1
-            x0, y0 = left[node] - 1, top[node] - 1
-            x1, y1 = min(right[node] + 2, width - 1), min(bottom[node] + 2, height - 1)
+            x0, y0 = attrs[node, LEFT] - 1, attrs[node, TOP] - 1
+            x1, y1 = min(attrs[node, RIGHT] + 2, width - 1), min(attrs[node, BOTTOM] + 2, height - 1)
             iou = _best_iou(x0, y0, x1, y1, gt)
             if iou > best:
                 best = iou
                 out_tied[index] = False
                 out_box[index, 0], out_box[index, 1], out_box[index, 2], out_box[index, 3] = x0, y0, x1, y1
-            elif iou == best and (x0 != out_box[index, 0] or y0 != out_box[index, 1]
-                                  or x1 != out_box[index, 2] or y1 != out_box[index, 3]):
+                out_last[index] = attrs[node, FIRST]
+                continue
+            if iou < best:
+                continue
+            out_last[index] = max(out_last[index], attrs[node, FIRST])
+            if x0 != out_box[index, 0] or y0 != out_box[index, 1] or x1 != out_box[index, 2] or y1 != out_box[index, 3]:
                 out_tied[index] = True
         n_candidates = kept
         out_iou[index] = best
-    return out_iou, out_box, out_tied
+    return out_iou, out_box, out_tied, out_last
 
 
 @numba.njit(**_JIT)
@@ -397,21 +494,32 @@ def fill_holes(image: np.ndarray) -> np.ndarray:
 
 def level_boxes(scoremap_u8: np.ndarray, values: np.ndarray, gt_boxes: np.ndarray):
     """Per distinct foreground level v (ascending, each a value of the map): V2's best IoU and box,
-    V1's IoU, and which levels need OpenCV to order two different boxes of equal IoU."""
+    V1's IoU, which levels need OpenCV to order two different boxes of equal IoU, and V1's box.
+
+    Of equally good different boxes OpenCV returns the first it lists: its contour tree in preorder,
+    siblings in reverse raster order of where their border starts (a component's first pixel, the
+    pixel left of a hole's first). A contour's outermost ancestor starts before it, so the
+    last-starting outermost component among the best (the lead) comes first when every nested one
+    and every hole among them starts before the lead; when the best IoU is 0, every contour is among
+    the best and so is the lead of them all. Other ties are handed back.
+    """
     image = np.ascontiguousarray(scoremap_u8, dtype=np.uint8)
+    if max(image.shape) >= 1 << 15:
+        raise ValueError(f"CAM shape {image.shape}: sides up to 32767 pixels are allowed")
     values = np.ascontiguousarray(values, dtype=np.int64)
     gt = np.ascontiguousarray(gt_boxes, dtype=np.int64).reshape(-1, 4)
     filled = fill_holes(image)
-    if np.array_equal(filled, image):  # no level has a hole: one pass gives V2 and V1
-        iou, box, tied, largest_iou, _ = upper_components(image, filled, values, gt, True, True)
-        return iou, box, largest_iou, tied
-    iou, box, tied, _, _ = upper_components(image, filled, values, gt, True, False)
-    largest_iou = upper_components(filled, filled, values, gt, False, True)[3]
-    hole_iou, hole_box, hole_tied = hole_components(image, filled, values, gt)
+    iou, box, ties, largest_iou, largest_box = upper_components(image, filled, values, gt)
+    hole_iou, hole_box, hole_tied, hole_last = hole_components(image, filled, values, gt)
+    differ, lead, nested = ties[:, 0] > 0, ties[:, 1], ties[:, 2]
+    lead_first = (lead >= 0) & (nested < lead)  # no nested best component comes before the lead
+    components_tied = differ & ~lead_first & (iou > 0)
     holes_win = hole_iou > iou
     equal = hole_iou == iou
-    tied = np.where(holes_win, hole_tied, tied | (equal & (hole_tied | (hole_box != box).any(axis=1))))
-    return np.maximum(iou, hole_iou), np.where(holes_win[:, None], hole_box, box), largest_iou, tied
+    same_box = ~differ & ~hole_tied & (hole_box == box).all(axis=1)
+    equal_tied = ~same_box & ~(lead_first & (hole_last < lead)) & (iou > 0)
+    tied = np.where(holes_win, hole_tied, np.where(equal, equal_tied, components_tied))
+    return np.maximum(iou, hole_iou), np.where(holes_win[:, None], hole_box, box), largest_iou, tied, largest_box
 
 
 __all__ = ["fill_holes", "hole_components", "level_boxes", "upper_components"]
