@@ -51,24 +51,51 @@ def _find(parent: np.ndarray, node: int) -> int:
 
 
 @numba.njit(**_JIT)
-def _by_value(image: np.ndarray):
-    """Every pixel as y << 16 | x, sorted by value (raster order within a value), and each value's
-    start (257,): a counting sort."""
+def value_counts(image: np.ndarray) -> np.ndarray:
+    """How many pixels of a uint8 map have each value (256,): np.bincount without its int64 copy."""
+    counts = np.zeros(256, np.int64)
+    for value in image.ravel():
+        counts[value] += 1
+    return counts
+
+
+@numba.njit(**_JIT)
+def _sorted_pixels(image: np.ndarray, filled: np.ndarray):
+    """Counting sorts, in one pass to count and one to place (pixels as y << 16 | x, raster order
+    within a value; each sort with its values' starts (257,)): every pixel by value, the hole pixels
+    (filled > image) by filled value and by value; and the lowest and highest level with a hole."""
     height, width = image.shape
     starts = np.zeros(257, np.int64)
+    by_filled = np.zeros(257, np.int64)
+    by_value = np.zeros(257, np.int64)
+    low, high = 256, -1
     for y in range(height):
         for x in range(width):
-            starts[image[y, x] + 1] += 1
+            value, top = image[y, x], filled[y, x]
+            starts[value + 1] += 1
+            if top > value:
+                by_filled[top + 1] += 1
+                by_value[value + 1] += 1
+                low, high = min(low, value + 1), max(high, top)
     for value in range(256):
         starts[value + 1] += starts[value]
+        by_filled[value + 1] += by_filled[value]
+        by_value[value + 1] += by_value[value]
     order = np.empty(height * width, np.int32)
-    slot = starts[:256].copy()
+    holes_by_filled = np.empty(by_filled[256], np.int32)
+    holes_by_value = np.empty(by_value[256], np.int32)
+    slot, slot_filled, slot_value = starts[:256].copy(), by_filled[:256].copy(), by_value[:256].copy()
     for y in range(height):
         for x in range(width):
-            value = image[y, x]
+            value, top = image[y, x], filled[y, x]
             order[slot[value]] = y << 16 | x
             slot[value] += 1
-    return order, starts
+            if top > value:
+                holes_by_filled[slot_filled[top]] = y << 16 | x
+                slot_filled[top] += 1
+                holes_by_value[slot_value[value]] = y << 16 | x
+                slot_value[value] += 1
+    return order, starts, holes_by_filled, by_filled, holes_by_value, by_value, low, high
 
 
 @numba.njit(**_JIT)
@@ -163,13 +190,14 @@ def _add(parent, attrs, pixel: int, root: int, x: int, y: int, first: int, area2
 
 
 @numba.njit(inline="always", **_JIT)
-def _insert(parent, attrs, pixel: int, x: int, y: int, first: int, offsets) -> bool:
-    """Add one pixel of the padded map to the 8-connected union-find (`offsets`: its RING neighbours'
-    index steps); True if it starts a component."""
+def _insert(parent, added, attrs, pixel: int, x: int, y: int, first: int, offsets) -> bool:
+    """Add one pixel of the padded map to the 8-connected union-find (`added`: 1 where a pixel is in,
+    a byte a pixel so that the neighbours are read from the L1 cache; `offsets`: the RING
+    neighbours' index steps); True if it starts a component."""
     above, below = pixel + offsets[1], pixel + offsets[5]
-    mask = (int(parent[above - 1] >= 0) | int(parent[above] >= 0) << 1 | int(parent[above + 1] >= 0) << 2
-            | int(parent[pixel + 1] >= 0) << 3 | int(parent[below + 1] >= 0) << 4
-            | int(parent[below] >= 0) << 5 | int(parent[below - 1] >= 0) << 6 | int(parent[pixel - 1] >= 0) << 7)
+    mask = (added[above - 1] | added[above] << 1 | added[above + 1] << 2 | added[pixel + 1] << 3
+            | added[below + 1] << 4 | added[below] << 5 | added[below - 1] << 6 | added[pixel - 1] << 7)
+    added[pixel] = 1
     root = -1
     for group in range(N_GROUPS[mask]):
         other = _find(parent, pixel + offsets[GROUPS[mask, group]])
@@ -246,39 +274,22 @@ def _largest_component(attrs, roots, width: int, height: int, box) -> None:
 
 
 @numba.njit(**_JIT)
-def upper_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, gt: np.ndarray):
+def upper_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, gt: np.ndarray, sorted_pixels):
     """The 8-connected components of {image >= v} and of {filled >= v} (filled = fill_holes(image))
-    for every v of `values` (ascending, each present), from one pass down the values.
+    for every v of `values` (ascending, each present), from one pass down the values
+    (`sorted_pixels` = _sorted_pixels(image, filled)).
 
-    Per v: the best IoU of a component box of {image >= v} and that box, with a flag where OpenCV's
-    order of two different boxes of that IoU is left to the caller (see _best_component); the box of
-    the component of {filled >= v} with the largest cell area (V1) and its IoU.
+    Per v: the best IoU of a component box of {image >= v} and that box, and what decides OpenCV's
+    order of equally good different boxes (see _best_component); the box of the component of
+    {filled >= v} with the largest cell area (V1) and its IoU.
 
     {filled >= v} is {image >= v} but at the levels that have holes (image < v <= filled somewhere):
     the second union-find starts as a copy of the first at the highest of them and stops below the
     lowest; elsewhere V1 reads the first.
     """
     height, width = image.shape
-    order, starts = _by_value(image)
-    hole_low, hole_high = 256, -1  # the levels with holes: hole_low <= v <= hole_high
-    n_hole_pixels = 0
-    hole_starts = np.zeros(257, np.int64)  # hole pixels counted by filled value
-    for y in range(height):
-        for x in range(width):
-            if filled[y, x] > image[y, x]:
-                hole_low = min(hole_low, image[y, x] + 1)
-                hole_high = max(hole_high, filled[y, x])
-                hole_starts[filled[y, x] + 1] += 1
-                n_hole_pixels += 1
-    for value in range(256):
-        hole_starts[value + 1] += hole_starts[value]
-    hole_order = np.empty(n_hole_pixels, np.int32)  # hole pixels as y << 16 | x by filled value
-    slot = hole_starts[:256].copy()
-    for y in range(height):
-        for x in range(width):
-            if filled[y, x] > image[y, x]:
-                hole_order[slot[filled[y, x]]] = y << 16 | x
-                slot[filled[y, x]] += 1
+    order, starts, hole_order, hole_starts, _, _, hole_low, hole_high = sorted_pixels
+    n_hole_pixels = len(hole_order)
     # Union-finds over the map padded with a pixel that is never added on every side: no bounds to
     # check. A component's row of attributes is at its root's padded index; FIRST is a raster index.
     padded = width + 2
@@ -286,11 +297,13 @@ def upper_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, 
     offsets = np.empty(8, np.int64)
     for step in range(8):
         offsets[step] = RING[step][1] * padded + RING[step][0]
-    parent = np.full(size, -1, np.int32)  # -1: not added yet
+    parent = np.empty(size, np.int32)
+    added = np.zeros(size, np.uint8)
     attrs = np.empty((size, 8), np.int32)
     candidates = np.empty(height * width, np.int32)  # every root made, dropped once merged
     n_candidates = 0
     filled_parent = np.empty(size if n_hole_pixels else 0, np.int32)
+    filled_added = np.empty(size if n_hole_pixels else 0, np.uint8)
     filled_attrs = np.empty((size if n_hole_pixels else 0, 8), np.int32)
     filled_candidates = np.empty(height * width if n_hole_pixels else 0, np.int32)
     n_filled = 0
@@ -306,6 +319,7 @@ def upper_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, 
             break
         if value == hole_high:  # {filled >= v} = {image >= v} above: start from a copy
             filled_parent[:] = parent
+            filled_added[:] = added
             n_candidates = _live_roots(parent, candidates, n_candidates)
             for position in range(n_candidates):
                 filled_attrs[candidates[position]] = attrs[candidates[position]]
@@ -316,12 +330,12 @@ def upper_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, 
             y = order[position] >> 16
             x = order[position] & 0xFFFF
             pixel = (y + 1) * padded + x + 1
-            if _insert(parent, attrs, pixel, x, y, y * width + x, offsets):
+            if _insert(parent, added, attrs, pixel, x, y, y * width + x, offsets):
                 candidates[n_candidates] = pixel
                 n_candidates += 1
             # a pixel of a hole joined the filled map at its filled value, above
             if in_holes and filled[y, x] == value:
-                if _insert(filled_parent, filled_attrs, pixel, x, y, y * width + x, offsets):
+                if _insert(filled_parent, filled_added, filled_attrs, pixel, x, y, y * width + x, offsets):
                     filled_candidates[n_filled] = pixel
                     n_filled += 1
         if in_holes:
@@ -329,7 +343,7 @@ def upper_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, 
                 y = hole_order[position] >> 16
                 x = hole_order[position] & 0xFFFF
                 pixel = (y + 1) * padded + x + 1
-                if _insert(filled_parent, filled_attrs, pixel, x, y, y * width + x, offsets):
+                if _insert(filled_parent, filled_added, filled_attrs, pixel, x, y, y * width + x, offsets):
                     filled_candidates[n_filled] = pixel
                     n_filled += 1
         if value != values[index]:
@@ -349,7 +363,7 @@ def upper_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, 
 
 
 @numba.njit(**_JIT)
-def hole_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, gt: np.ndarray):
+def hole_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, gt: np.ndarray, sorted_pixels):
     """The holes of {image >= v} for every v of `values` (ascending): 4-connected regions of
     {image < v} off the image's edge. Per v: best IoU of a hole border's box (-1 without holes),
     that box, whether a hole with a different box has the same IoU, and the first pixel of the
@@ -361,21 +375,9 @@ def hole_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, g
     alive for image < v <= its filled value: a union-find over those pixels only (a few percent of a
     smooth CAM) instead of a min-tree over the whole map with the edge as one more node."""
     height, width = image.shape
-    flat = image.ravel()
     high = filled.ravel()
     count = height * width
-    starts = np.zeros(257, np.int64)
-    for pixel in range(count):  # a counting sort of the hole pixels by value, raster order within one
-        if high[pixel] > flat[pixel]:
-            starts[flat[pixel] + 1] += 1
-    for value in range(256):
-        starts[value + 1] += starts[value]
-    order = np.empty(starts[256], np.int64)
-    slot = starts[:256].copy()
-    for pixel in range(count):
-        if high[pixel] > flat[pixel]:
-            order[slot[flat[pixel]]] = pixel
-            slot[flat[pixel]] += 1
+    _, _, _, _, order, starts, _, _ = sorted_pixels
     parent = np.full(count, -1, np.int32)  # -1: not a hole pixel, or not in yet
     attrs = np.empty((count, 8), np.int32)  # first pixel and area: not needed for holes
     candidates = np.empty(max(len(order), 1), np.int32)
@@ -390,9 +392,9 @@ def hole_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, g
     for index in range(n_values):
         while added < values[index]:
             for position in range(starts[added], starts[added + 1]):
-                pixel = order[position]  # never on the edge (filled = image there): four neighbours
-                y = pixel // width
-                x = pixel - y * width
+                y = order[position] >> 16  # never on the edge (filled = image there): four neighbours
+                x = order[position] & 0xFFFF
+                pixel = y * width + x
                 root = -1
                 for step in range(4):
                     neighbour = pixel + offsets[step]
@@ -453,43 +455,136 @@ def fill_holes(image: np.ndarray) -> np.ndarray:
     filled = image.copy()
     if height < 3 or width < 3:
         return filled  # every pixel is on the edge
-    filled[1:-1, 1:-1] = 255
-    for y in range(1, height - 1):
-        for x in range(1, width - 1):
-            filled[y, x] = max(image[y, x], min(filled[y, x], filled[y - 1, x], filled[y, x - 1]))
+    low, high = image.ravel(), filled.ravel()
+    for y in range(1, height - 1):  # from the top left: the inside starts at 255, so min(above, left)
+        left = high[y * width]
+        for pixel in range(y * width + 1, (y + 1) * width - 1):
+            left = high[pixel] = max(min(high[pixel - width], left), low[pixel])
     count = height * width
-    queue = np.empty(count, np.int64)  # a ring of pixels, each in it at most once (queued)
-    queued = np.zeros((height, width), np.bool_)
-    head = size = 0
-    for y in range(height - 2, 0, -1):
-        for x in range(width - 2, 0, -1):
-            value = max(image[y, x], min(filled[y, x], filled[y + 1, x], filled[y, x + 1]))
-            filled[y, x] = value
-            below, after = filled[y + 1, x], filled[y, x + 1]
-            if (below > value and below > image[y + 1, x]) or (after > value and after > image[y, x + 1]):
-                queue[size] = y * width + x
+    queue = np.empty(count, np.int32)  # a ring of pixels, each in it at most once (queued)
+    queued = np.zeros(count, np.bool_)
+    size = 0
+    for y in range(height - 2, 0, -1):  # from the bottom right, queueing what can lower a raised pixel
+        right = high[(y + 1) * width - 1]
+        right_raised = False
+        for pixel in range((y + 1) * width - 2, y * width, -1):
+            below = high[pixel + width]
+            value = max(min(high[pixel], below, right), low[pixel])
+            high[pixel] = value
+            if (right_raised and right > value) or (below > low[pixel + width] and below > value):
+                queue[size] = pixel
                 size += 1
-                queued[y, x] = True
+                queued[pixel] = True
+            right_raised = value > low[pixel]
+            right = value
+    head, tail = 0, size
     while size:
         pixel = queue[head]
         head = head + 1 if head + 1 < count else 0
         size -= 1
+        queued[pixel] = False
+        value = high[pixel]
         y = pixel // width
         x = pixel - y * width
-        queued[y, x] = False
-        value = filled[y, x]
-        for step in range(4):
-            ny = y + (-1, 1, 0, 0)[step]
-            nx = x + (0, 0, -1, 1)[step]
-            if ny <= 0 or ny >= height - 1 or nx <= 0 or nx >= width - 1:
-                continue  # the edge keeps its values
-            if filled[ny, nx] > value and filled[ny, nx] > image[ny, nx]:
-                filled[ny, nx] = max(value, image[ny, nx])
-                if not queued[ny, nx]:
-                    queued[ny, nx] = True
-                    queue[(head + size) % count] = ny * width + nx
+        for step in range(4):  # the inside neighbours (the edge keeps its values)
+            if step == 0:
+                if y <= 1:
+                    continue
+                neighbour = pixel - width
+            elif step == 1:
+                if y >= height - 2:
+                    continue
+                neighbour = pixel + width
+            elif step == 2:
+                if x <= 1:
+                    continue
+                neighbour = pixel - 1
+            else:
+                if x >= width - 2:
+                    continue
+                neighbour = pixel + 1
+            if high[neighbour] > low[neighbour] and high[neighbour] > value:
+                high[neighbour] = max(value, low[neighbour])
+                if not queued[neighbour]:
+                    queued[neighbour] = True
+                    queue[tail] = neighbour
+                    tail = tail + 1 if tail + 1 < count else 0
                     size += 1
     return filled
+
+
+@numba.njit(**_JIT)
+def _level_boxes(image: np.ndarray, values: np.ndarray, gt: np.ndarray):
+    filled = fill_holes(image)
+    sorted_pixels = _sorted_pixels(image, filled)
+    iou, box, ties, largest_iou, largest_box = upper_components(image, filled, values, gt, sorted_pixels)
+    hole_iou, hole_box, hole_tied, hole_last = hole_components(image, filled, values, gt, sorted_pixels)
+    tied = np.zeros(len(values), np.bool_)
+    for index in range(len(values)):
+        differ, lead, nested = ties[index, 0] > 0, ties[index, 1], ties[index, 2]
+        lead_first = lead >= 0 and nested < lead  # no nested best component comes before the lead
+        if hole_iou[index] > iou[index]:
+            iou[index] = hole_iou[index]
+            box[index] = hole_box[index]
+            tied[index] = hole_tied[index]
+        elif hole_iou[index] == iou[index]:
+            same_box = not differ and not hole_tied[index] and (hole_box[index] == box[index]).all()
+            tied[index] = not same_box and not (lead_first and hole_last[index] < lead) and iou[index] > 0
+        else:
+            tied[index] = differ and not lead_first and iou[index] > 0
+    return iou, box, largest_iou, tied, largest_box
+
+
+@numba.njit(**_JIT)
+def tree_curve(image: np.ndarray, thresholds: np.ndarray, gt: np.ndarray, min_maps: int):
+    """One uint8 CAM's curve at every threshold, in one call: trainers.boxes.distinct_maps (the
+    protocol's foreground at tau is pixels > int(tau * max)), then _level_boxes per distinct map.
+
+    Returns the distinct maps' levels (ascending) and per threshold the index of its level (-1: the
+    empty map); then, unless there are fewer than `min_maps` levels (then empty arrays): per
+    threshold V2's IoU and box and V1's IoU, and per level whether OpenCV's order of equally good
+    different boxes is left to the caller."""
+    counts = value_counts(image)
+    n_levels = 0
+    key_of = np.zeros(256, np.int64)  # per cut-off c: how many levels are <= c; the map is the rest
+    for value in range(256):
+        n_levels += counts[value] > 0
+        key_of[value] = n_levels
+    levels = np.empty(n_levels, np.int64)
+    top = 0
+    for value in range(256):
+        if counts[value]:
+            levels[key_of[value] - 1] = value
+            top = value
+    used = np.zeros(n_levels + 1, np.bool_)
+    keys = np.empty(len(thresholds), np.int64)
+    for index in range(len(thresholds)):
+        cutoff = int(thresholds[index] * top)
+        keys[index] = 0 if cutoff < 0 else n_levels if cutoff > 255 else key_of[cutoff]
+        used[keys[index]] = True
+    rank = np.full(n_levels + 1, -1, np.int64)  # the empty map keeps -1
+    n_values = 0
+    for key in range(n_levels):
+        if used[key]:
+            rank[key] = n_values
+            n_values += 1
+    values = np.empty(n_values, np.int64)
+    for key in range(n_levels):
+        if used[key]:
+            values[rank[key]] = levels[key]
+    level_of = rank[keys]
+    if n_values < min_maps:
+        return values, level_of, np.empty(0), np.empty((0, 4), np.int64), np.empty(0), np.empty(0, np.bool_)
+    iou, box, largest, tied, _ = _level_boxes(image, values, gt)
+    empty_iou = _best_iou(0, 0, 0, 0, gt)
+    iou_all = np.full(len(thresholds), empty_iou)
+    box_all = np.zeros((len(thresholds), 4), np.int64)
+    iou_largest = np.full(len(thresholds), empty_iou)
+    for index in range(len(thresholds)):
+        level = level_of[index]
+        if level >= 0:
+            iou_all[index], box_all[index], iou_largest[index] = iou[level], box[level], largest[level]
+    return values, level_of, iou_all, box_all, iou_largest, tied
 
 
 def level_boxes(scoremap_u8: np.ndarray, values: np.ndarray, gt_boxes: np.ndarray):
@@ -508,18 +603,7 @@ def level_boxes(scoremap_u8: np.ndarray, values: np.ndarray, gt_boxes: np.ndarra
         raise ValueError(f"CAM shape {image.shape}: sides up to 32767 pixels are allowed")
     values = np.ascontiguousarray(values, dtype=np.int64)
     gt = np.ascontiguousarray(gt_boxes, dtype=np.int64).reshape(-1, 4)
-    filled = fill_holes(image)
-    iou, box, ties, largest_iou, largest_box = upper_components(image, filled, values, gt)
-    hole_iou, hole_box, hole_tied, hole_last = hole_components(image, filled, values, gt)
-    differ, lead, nested = ties[:, 0] > 0, ties[:, 1], ties[:, 2]
-    lead_first = (lead >= 0) & (nested < lead)  # no nested best component comes before the lead
-    components_tied = differ & ~lead_first & (iou > 0)
-    holes_win = hole_iou > iou
-    equal = hole_iou == iou
-    same_box = ~differ & ~hole_tied & (hole_box == box).all(axis=1)
-    equal_tied = ~same_box & ~(lead_first & (hole_last < lead)) & (iou > 0)
-    tied = np.where(holes_win, hole_tied, np.where(equal, equal_tied, components_tied))
-    return np.maximum(iou, hole_iou), np.where(holes_win[:, None], hole_box, box), largest_iou, tied, largest_box
+    return _level_boxes(image, values, gt)
 
 
-__all__ = ["fill_holes", "hole_components", "level_boxes", "upper_components"]
+__all__ = ["fill_holes", "hole_components", "level_boxes", "tree_curve", "upper_components", "value_counts"]
