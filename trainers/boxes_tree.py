@@ -20,15 +20,24 @@ outer border, so the largest is always an outermost component's outer border, an
 area is that of the component with its holes filled: counted over the unit cells between four
 pixel centres, a cell with all four corners inside counts 1, with three 1/2, else 0. The filled
 components of every level are those of `fill_holes(cam)` (the level at which a pixel joins the
-outside: a reconstruction by erosion from the edge, 4-connected), one more max-tree pass, with the cell counts
-as an attribute. OpenCV lists outermost contours in reverse raster order of their first pixel, each
-before its holes, so of equally large ones the last to start wins.
+outside: a reconstruction by erosion from the edge, 4-connected); they differ from the components
+only at the levels that have holes, so a second union-find, started from a copy of the first at
+the highest such level, runs in the same pass down the values over those levels only. OpenCV lists
+outermost contours in reverse raster order of their first pixel, each before its holes, so of
+equally large ones the last to start wins.
 
-The only thing not decided here is which of two *different* boxes with the same best IoU at one
-level comes first in OpenCV's list (the per-image box of the predictions table): such levels,
-rare on real CAMs, are handed back and traced with findContours (trainers.boxes).
+Of two *different* boxes with the same best IoU at one level, the one OpenCV lists first is the
+per-image box of the predictions table. OpenCV's list is its contour tree in preorder, siblings in
+reverse raster order of where their border starts, and a contour's outermost ancestor starts
+before it: the last-starting outermost component of the tied ones comes first when every tied
+nested component and hole starts before it, and at IoU 0 every contour ties, so it always does.
+Other ties (between contours inside a hole) are handed back and traced with findContours
+(trainers.boxes).
 
-Compiled with numba (cached on disk after the first call; a few seconds once per machine).
+Per pixel, the union-find reads its eight neighbours from a byte map into an 8-bit mask; tables
+give the neighbours to look up (one of each group that touch each other, so mostly one `find` a
+pixel) and the growth of the cell area. Compiled with numba (cached on disk after the first call;
+a few seconds once per machine); `tree_curve` is one call a CAM.
 """
 from __future__ import annotations
 
