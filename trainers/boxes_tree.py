@@ -342,7 +342,7 @@ def upper_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, 
             if _insert(parent, added, attrs, pixel, x, y, y * width + x, offsets):
                 candidates[n_candidates] = pixel
                 n_candidates += 1
-            # a pixel of a hole joined the filled map at its filled value, above
+            # into the filled map too, unless it is a hole pixel (in it since its filled value)
             if in_holes and filled[y, x] == value:
                 if _insert(filled_parent, filled_added, filled_attrs, pixel, x, y, y * width + x, offsets):
                     filled_candidates[n_filled] = pixel
