@@ -199,6 +199,13 @@ def _add(parent, attrs, pixel: int, root: int, x: int, y: int, first: int, area2
 
 
 @numba.njit(inline="always", **_JIT)
+def _unpack(packed: int, padded: int):
+    """y, x and the padded map's index of a pixel sorted as y << 16 | x."""
+    y, x = packed >> 16, packed & 0xFFFF
+    return y, x, (y + 1) * padded + x + 1
+
+
+@numba.njit(inline="always", **_JIT)
 def _insert(parent, added, attrs, pixel: int, x: int, y: int, first: int, offsets) -> bool:
     """Add one pixel of the padded map to the 8-connected union-find (`added`: 1 where a pixel is in,
     a byte a pixel so that the neighbours are read from the L1 cache; `offsets`: the RING
@@ -336,9 +343,7 @@ def upper_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, 
             n_filled = n_candidates
         in_holes = hole_low <= value <= hole_high
         for position in range(starts[value], starts[value + 1]):
-            y = order[position] >> 16
-            x = order[position] & 0xFFFF
-            pixel = (y + 1) * padded + x + 1
+            y, x, pixel = _unpack(order[position], padded)
             if _insert(parent, added, attrs, pixel, x, y, y * width + x, offsets):
                 candidates[n_candidates] = pixel
                 n_candidates += 1
@@ -349,9 +354,7 @@ def upper_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, 
                     n_filled += 1
         if in_holes:
             for position in range(hole_starts[value], hole_starts[value + 1]):
-                y = hole_order[position] >> 16
-                x = hole_order[position] & 0xFFFF
-                pixel = (y + 1) * padded + x + 1
+                y, x, pixel = _unpack(hole_order[position], padded)
                 if _insert(filled_parent, filled_added, filled_attrs, pixel, x, y, y * width + x, offsets):
                     filled_candidates[n_filled] = pixel
                     n_filled += 1
