@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from trainers.boxes_tree import tree_curve, value_counts
+from trainers.boxes_tree import distinct_levels, tree_curve
 
 EMPTY_BOX = np.zeros(4, dtype=np.int64)  # the protocol's box when a map has no contour
 
@@ -69,12 +69,15 @@ def box_curve(scoremap_u8: np.ndarray, gt_boxes: np.ndarray, thresholds: np.ndar
     gt_boxes = np.asarray(gt_boxes, dtype=np.int64).reshape(-1, 4)
     if method not in ("auto", "tree", "traced"):
         raise ValueError(f"method: {method!r} is not allowed; 'auto', 'tree' or 'traced'")
-    if method != "traced":
-        image = np.ascontiguousarray(scoremap_u8)
-        if max(image.shape) >= 1 << 15:
+    image = np.ascontiguousarray(scoremap_u8)
+    thresholds = np.ascontiguousarray(thresholds, dtype=np.float64)
+    if method == "traced":
+        values, level_of = distinct_levels(image, thresholds)
+    else:
+        if max(image.shape) >= 1 << 15:  # the tree sorts pixels as y << 16 | x
             raise ValueError(f"CAM shape {image.shape}: sides up to 32767 pixels are allowed")
         values, level_of, iou_all, box_all, iou_largest, tied = tree_curve(
-            image, np.ascontiguousarray(thresholds, dtype=np.float64), gt_boxes, TREE_FROM_MAPS if method == "auto" else 0)
+            image, thresholds, gt_boxes, TREE_FROM_MAPS if method == "auto" else 0)
         if len(iou_all) == len(thresholds):
             if tied.any():  # OpenCV's order decides: trace those levels
                 traced = np.zeros((len(values), 4), dtype=np.int64)
@@ -82,14 +85,13 @@ def box_curve(scoremap_u8: np.ndarray, gt_boxes: np.ndarray, thresholds: np.ndar
                 redo = (level_of >= 0) & tied[level_of]
                 box_all[redo] = traced[level_of[redo]]
             return BoxCurve(iou_all, box_all, iou_largest)
-    values, map_of_threshold = distinct_maps(scoremap_u8, thresholds)
-    n_maps = len(values) + 1  # + the empty map, last
-    iou_all, iou_largest = np.empty(n_maps), np.empty(n_maps)
-    box_all = np.tile(EMPTY_BOX, (n_maps, 1))
+    # findContours once per distinct map (auto: too few maps for the tree's fixed cost)
+    iou_all, iou_largest = np.empty(len(values) + 1), np.empty(len(values) + 1)  # + the empty map, last
+    box_all = np.tile(EMPTY_BOX, (len(values) + 1, 1))
     iou_all[-1] = iou_largest[-1] = box_iou(EMPTY_BOX, gt_boxes).max()
     if len(values):
-        iou_all[:-1], box_all[:-1], iou_largest[:-1] = traced_level_boxes(scoremap_u8, values, gt_boxes)
-    return BoxCurve(iou_all[map_of_threshold], box_all[map_of_threshold], iou_largest[map_of_threshold])
+        iou_all[:-1], box_all[:-1], iou_largest[:-1] = traced_level_boxes(image, values, gt_boxes)
+    return BoxCurve(iou_all[level_of], box_all[level_of], iou_largest[level_of])  # -1: the empty map
 
 
 def distinct_maps(scoremap_u8: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -97,14 +99,10 @@ def distinct_maps(scoremap_u8: np.ndarray, thresholds: np.ndarray) -> tuple[np.n
     pixels >= v, ascending), and per threshold the index of its map (len(values): the empty map).
 
     The protocol's foreground at threshold tau is pixels > int(tau * max); two cut-offs with no
-    pixel value between them give the same map.
+    pixel value between them give the same map (trainers.boxes_tree.distinct_levels).
     """
-    levels = np.flatnonzero(value_counts(scoremap_u8))  # distinct values, ascending
-    cutoffs = (thresholds * levels[-1]).astype(np.int64)  # int(tau * max), tau >= 0
-    # Foreground at cut-off c = pixels whose level index >= key(c): equal keys, equal maps.
-    keys, map_of_threshold = np.unique(np.searchsorted(levels, cutoffs, side="right"), return_inverse=True)
-    keys = keys[keys < len(levels)]  # a key past the last level is the empty map, sorted last
-    return levels[keys], map_of_threshold
+    values, level_of = distinct_levels(np.ascontiguousarray(scoremap_u8), np.asarray(thresholds, dtype=np.float64))
+    return values, np.where(level_of < 0, len(values), level_of)
 
 
 def traced_level_boxes(scoremap_u8: np.ndarray, values: np.ndarray, gt_boxes: np.ndarray):

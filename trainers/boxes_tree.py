@@ -548,14 +548,12 @@ def _level_boxes(image: np.ndarray, values: np.ndarray, gt: np.ndarray):
 
 
 @numba.njit(**_JIT)
-def tree_curve(image: np.ndarray, thresholds: np.ndarray, gt: np.ndarray, min_maps: int):
-    """One uint8 CAM's curve at every threshold, in one call: trainers.boxes.distinct_maps (the
-    protocol's foreground at tau is pixels > int(tau * max)), then _level_boxes per distinct map.
+def distinct_levels(image: np.ndarray, thresholds: np.ndarray):
+    """The distinct non-empty binary maps of a uint8 CAM's curve as their lowest pixel value v
+    (foreground = pixels >= v, ascending), and per threshold the index of its map (-1: the empty map).
 
-    Returns the distinct maps' levels (ascending) and per threshold the index of its level (-1: the
-    empty map); then, unless there are fewer than `min_maps` levels (then empty arrays): per
-    threshold V2's IoU and box and V1's IoU, and per level whether OpenCV's order of equally good
-    different boxes is left to the caller."""
+    The protocol's foreground at threshold tau is pixels > int(tau * max); two cut-offs with no pixel
+    value between them give the same map."""
     counts = value_counts(image)
     n_levels = 0
     key_of = np.zeros(256, np.int64)  # per cut-off c: how many levels are <= c; the map is the rest
@@ -584,7 +582,20 @@ def tree_curve(image: np.ndarray, thresholds: np.ndarray, gt: np.ndarray, min_ma
     for key in range(n_levels):
         if used[key]:
             values[rank[key]] = levels[key]
-    level_of = rank[keys]
+    return values, rank[keys]
+
+
+@numba.njit(**_JIT)
+def tree_curve(image: np.ndarray, thresholds: np.ndarray, gt: np.ndarray, min_maps: int):
+    """One uint8 CAM's curve at every threshold, in one call: its distinct maps (distinct_levels),
+    then _level_boxes per distinct map.
+
+    Returns the distinct maps' levels (ascending) and per threshold the index of its level (-1: the
+    empty map); then, unless there are fewer than `min_maps` levels (then empty arrays): per
+    threshold V2's IoU and box and V1's IoU, and per level whether OpenCV's order of equally good
+    different boxes is left to the caller."""
+    values, level_of = distinct_levels(image, thresholds)
+    n_values = len(values)
     if n_values < min_maps:
         return values, level_of, np.empty(0), np.empty((0, 4), np.int64), np.empty(0), np.empty(0, np.bool_)
     iou, box, largest, tied, _ = _level_boxes(image, values, gt)
@@ -618,4 +629,5 @@ def level_boxes(scoremap_u8: np.ndarray, values: np.ndarray, gt_boxes: np.ndarra
     return _level_boxes(image, values, gt)
 
 
-__all__ = ["fill_holes", "hole_components", "level_boxes", "tree_curve", "upper_components", "value_counts"]
+__all__ = ["distinct_levels", "fill_holes", "hole_components", "level_boxes", "tree_curve", "upper_components",
+           "value_counts"]
