@@ -20,9 +20,11 @@ outer border, so the largest is always an outermost component's outer border, an
 area is that of the component with its holes filled: counted over the unit cells between four
 pixel centres, a cell with all four corners inside counts 1, with three 1/2, else 0. The filled
 components of every level are those of `fill_holes(cam)` (the level at which a pixel joins the
-outside: a reconstruction by erosion from the edge, 4-connected); they differ from the components
-only at the levels that have holes, so a second union-find, started from a copy of the first at
-the highest such level, runs in the same pass down the values over those levels only. OpenCV lists
+outside: a reconstruction by erosion from the edge, 4-connected). Each is one outermost component
+of {cam >= v} with what is nested in its holes and the hole pixels between them, so the same pass
+keeps them as a second, small forest over the first union-find's roots and the hole pixels (a hole
+pixel joins it at its filled value, the union-find at its value), and counts the cells each pixel
+completes in the filled map where the pixel joins it. OpenCV lists
 outermost contours in reverse raster order of their first pixel, each before its holes, so of
 equally large ones the last to start wins.
 
@@ -34,7 +36,7 @@ nested component and hole starts before it, and at IoU 0 every contour ties, so 
 Other ties (between contours inside a hole) are handed back and traced with findContours
 (trainers.boxes).
 
-Per pixel, the union-find reads its eight neighbours from a byte map into an 8-bit mask; tables
+Per pixel, the union-find reads its eight neighbours from a state map into an 8-bit mask; tables
 give the neighbours to look up (one of each group that touch each other, so mostly one `find` a
 pixel) and the growth of the cell area. Compiled with numba (cached on disk after the first call;
 a few seconds once per machine); `tree_curve` is one call a CAM.
@@ -71,40 +73,40 @@ def value_counts(image: np.ndarray) -> np.ndarray:
 @numba.njit(**_JIT)
 def _sorted_pixels(image: np.ndarray, filled: np.ndarray):
     """Counting sorts, in one pass to count and one to place (pixels as y << 16 | x, raster order
-    within a value; each sort with its values' starts (257,)): every pixel by value, the hole pixels
-    (filled > image) by filled value and by value; and the lowest and highest level with a hole."""
+    within a value; each sort with its values' starts (257,)): the pixels that are not hole pixels
+    by value, the hole pixels (filled > image) by filled value and by value."""
     height, width = image.shape
     starts = np.zeros(257, np.int64)
     by_filled = np.zeros(257, np.int64)
     by_value = np.zeros(257, np.int64)
-    low, high = 256, -1
     for y in range(height):
         for x in range(width):
             value, top = image[y, x], filled[y, x]
-            starts[value + 1] += 1
             if top > value:
                 by_filled[top + 1] += 1
                 by_value[value + 1] += 1
-                low, high = min(low, value + 1), max(high, top)
+            else:
+                starts[value + 1] += 1
     for value in range(256):
         starts[value + 1] += starts[value]
         by_filled[value + 1] += by_filled[value]
         by_value[value + 1] += by_value[value]
-    order = np.empty(height * width, np.int32)
+    order = np.empty(starts[256], np.int32)
     holes_by_filled = np.empty(by_filled[256], np.int32)
     holes_by_value = np.empty(by_value[256], np.int32)
     slot, slot_filled, slot_value = starts[:256].copy(), by_filled[:256].copy(), by_value[:256].copy()
     for y in range(height):
         for x in range(width):
             value, top = image[y, x], filled[y, x]
-            order[slot[value]] = y << 16 | x
-            slot[value] += 1
-            if top > value:
+            if top <= value:
+                order[slot[value]] = y << 16 | x
+                slot[value] += 1
+            else:
                 holes_by_filled[slot_filled[top]] = y << 16 | x
                 slot_filled[top] += 1
                 holes_by_value[slot_value[value]] = y << 16 | x
                 slot_value[value] += 1
-    return order, starts, holes_by_filled, by_filled, holes_by_value, by_value, low, high
+    return order, starts, holes_by_filled, by_filled, holes_by_value, by_value
 
 
 @numba.njit(**_JIT)
@@ -162,6 +164,14 @@ GROUPS, N_GROUPS, AREA_GAIN = _ring_tables()
 
 
 @numba.njit(**_JIT)
+def _merge(forest, hole_area2, a: int, b: int) -> int:
+    """Union of two roots of the filled map's forest: `a` goes under `b`, its hole cells with it."""
+    forest[a] = b
+    hole_area2[b] += hole_area2[a]
+    return b
+
+
+@numba.njit(**_JIT)
 def _join(parent, attrs, a: int, b: int) -> int:
     """Union of two roots (by size); the surviving root carries the box, first pixel and area."""
     keep, gone = (a, b) if attrs[a, SIZE] >= attrs[b, SIZE] else (b, a)
@@ -205,15 +215,31 @@ def _unpack(packed: int, padded: int):
     return y, x, (y + 1) * padded + x + 1
 
 
+IN, OPEN = 1, 256  # a pixel's state: in {image >= v}; in {filled >= v} only (a hole pixel)
+
+
 @numba.njit(inline="always", **_JIT)
-def _insert(parent, added, attrs, pixel: int, x: int, y: int, first: int, offsets) -> bool:
-    """Add one pixel of the padded map to the 8-connected union-find (`added`: 1 where a pixel is in,
-    a byte a pixel so that the neighbours are read from the L1 cache; `offsets`: the RING
-    neighbours' index steps); True if it starts a component."""
+def _ring(state, pixel: int, offsets) -> int:
+    """The RING neighbours' states as two 8-bit masks in one number: bits 0-7 in, 8-15 open."""
     above, below = pixel + offsets[1], pixel + offsets[5]
-    mask = (added[above - 1] | added[above] << 1 | added[above + 1] << 2 | added[pixel + 1] << 3
-            | added[below + 1] << 4 | added[below] << 5 | added[below - 1] << 6 | added[pixel - 1] << 7)
-    added[pixel] = 1
+    return (state[above - 1] | state[above] << 1 | state[above + 1] << 2 | state[pixel + 1] << 3
+            | state[below + 1] << 4 | state[below] << 5 | state[below - 1] << 6 | state[pixel - 1] << 7)
+
+
+@numba.njit(inline="always", **_JIT)
+def _insert(parent, state, attrs, forest, open_at, pixel: int, x: int, y: int, first: int, offsets, hole: bool) -> bool:
+    """Add one pixel of the padded map to the 8-connected union-find of {image >= v} (`state`: IN or
+    OPEN a pixel, two bytes, so that the neighbours are read from the cache; `offsets`: the RING
+    neighbours' index steps); True if it starts a component.
+
+    A pixel that is not a `hole` pixel joins {filled >= v} now too: it brings the cells it completes
+    there to its component's area, and its open neighbours (`open_at[pixel]`, a RING mask) are to be
+    joined with its group of the forest. A hole pixel is there already. (`hole` is a constant at each
+    call: numba compiles two loops without the tests. The forest's joins are left to the caller: a
+    call to them here, though rare, makes numba compile this loop 1.6x slower.)"""
+    ring = _ring(state, pixel, offsets)
+    mask, open_mask = ring & 0xFF, ring >> 8
+    state[pixel] = IN
     root = -1
     for group in range(N_GROUPS[mask]):
         other = _find(parent, pixel + offsets[GROUPS[mask, group]])
@@ -221,19 +247,66 @@ def _insert(parent, added, attrs, pixel: int, x: int, y: int, first: int, offset
             root = other
         elif other != root:
             root = _join(parent, attrs, root, other)
-    return _add(parent, attrs, pixel, root, x, y, first, AREA_GAIN[mask])
+    new = _add(parent, attrs, pixel, root, x, y, first, 0 if hole else AREA_GAIN[mask | open_mask])
+    if not hole:
+        if new:
+            forest[pixel] = pixel
+        open_at[pixel] = open_mask
+    return new
 
 
 @numba.njit(**_JIT)
-def _live_roots(parent, candidates, n_candidates: int) -> int:
-    """Keep the candidates that are still roots at the front; their count."""
+def _join_open(parent, forest, hole_area2, open_at, pixels, offsets, padded: int) -> None:
+    """Join the forest's group of each of `pixels` (sorted as y << 16 | x, just added) with those of its
+    open neighbours, which are their own nodes."""
+    for packed in pixels:
+        pixel = _unpack(packed, padded)[2]
+        open_mask = open_at[pixel]
+        if not open_mask:
+            continue
+        group = _find(forest, _find(parent, pixel))
+        for index in range(N_GROUPS[open_mask]):
+            other = _find(forest, pixel + offsets[GROUPS[open_mask, index]])
+            if other != group:
+                group = _merge(forest, hole_area2, group, other)
+
+
+@numba.njit(**_JIT)
+def _live_roots(parent, forest, hole_area2, candidates, n_candidates: int) -> int:
+    """Keep the candidates that are still roots at the front; their count. The groups of those that
+    were joined to another root are joined to that root's in the forest."""
     kept = 0
     for position in range(n_candidates):
         node = candidates[position]
         if parent[node] == node:
             candidates[kept] = node
             kept += 1
+            continue
+        group, other = _find(forest, node), _find(forest, _find(parent, node))
+        if group != other:
+            _merge(forest, hole_area2, group, other)
     return kept
+
+
+@numba.njit(inline="always", **_JIT)
+def _open(parent, state, forest, hole_area2, pixel: int, offsets) -> None:
+    """A hole pixel joins {filled >= v} at its filled value (it is not in {image >= v} yet): a node of
+    the forest with the cells it completes, joined with its neighbours there (those in {image >= v}
+    through their component's root)."""
+    ring = _ring(state, pixel, offsets)
+    mask, open_mask = ring & 0xFF, ring >> 8
+    state[pixel] = OPEN
+    forest[pixel] = pixel
+    hole_area2[pixel] = AREA_GAIN[mask | open_mask]  # (0 before: never a root of the first union-find)
+    group = pixel
+    for index in range(N_GROUPS[mask]):
+        other = _find(forest, _find(parent, pixel + offsets[GROUPS[mask, index]]))
+        if other != group:
+            group = _merge(forest, hole_area2, group, other)
+    for index in range(N_GROUPS[open_mask]):  # open neighbours: their own nodes
+        other = _find(forest, pixel + offsets[GROUPS[open_mask, index]])
+        if other != group:
+            group = _merge(forest, hole_area2, group, other)
 
 
 @numba.njit(**_JIT)
@@ -277,12 +350,24 @@ def _best_component(attrs, roots, filled, value: int, width: int, height: int, g
 
 
 @numba.njit(**_JIT)
-def _largest_component(attrs, roots, width: int, height: int, box) -> None:
-    """The box of the component with the largest cell area (into `box`), the last to start in raster
-    order of equally large ones."""
+def _largest_filled(attrs, forest, hole_area2, roots, groups, group_area, filled, value: int, width: int,
+                    height: int, box) -> None:
+    """The box of the component of {filled >= v} with the largest cell area (into `box`), the last to
+    start in raster order of equally large ones. Each holds one outermost component of
+    {image >= v} (its box and first pixel) and what is nested in it; its cell area is its
+    components' AREA2 and its group's hole cells. `groups`, `group_area`: scratch space."""
+    for position in range(len(roots)):
+        groups[position] = group = _find(forest, roots[position])
+        group_area[group] = hole_area2[group]
+    for position in range(len(roots)):
+        group_area[groups[position]] += attrs[roots[position], AREA2]
     top_area = top_first = -1
-    for node in roots:
-        area2, start = attrs[node, AREA2], attrs[node, FIRST]
+    for position in range(len(roots)):
+        node = roots[position]
+        start = attrs[node, FIRST]
+        if start >= width and filled.flat[start - width] >= value:
+            continue  # nested: the pixel above its first is in a hole
+        area2 = group_area[groups[position]]
         if area2 > top_area or (area2 == top_area and start > top_first):
             top_area, top_first = area2, start
             box[0], box[1] = attrs[node, LEFT], attrs[node, TOP]
@@ -299,13 +384,15 @@ def upper_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, 
     order of equally good different boxes (see _best_component); the box of the component of
     {filled >= v} with the largest cell area (V1) and its IoU.
 
-    {filled >= v} is {image >= v} but at the levels that have holes (image < v <= filled somewhere):
-    the second union-find starts as a copy of the first at the highest of them and stops below the
-    lowest; elsewhere V1 reads the first.
+    {filled >= v} is {image >= v} and the hole pixels with image < v <= filled. Its components are
+    groups of those of {image >= v} (an outermost one and what is nested in its holes) with the hole
+    pixels between them: a second forest over the first one's roots and the hole pixels, joined
+    where the first joins and where a hole pixel touches the rest (a hole pixel enters it at its
+    filled value, the first union-find at its value); the cells each pixel completes in
+    {filled >= v} are counted where it enters.
     """
     height, width = image.shape
-    order, starts, hole_order, hole_starts, _, _, hole_low, hole_high = sorted_pixels
-    n_hole_pixels = len(hole_order)
+    order, starts, hole_order, hole_starts, closing, closing_starts = sorted_pixels
     # Union-finds over the map padded with a pixel that is never added on every side: no bounds to
     # check. A component's row of attributes is at its root's padded index; FIRST is a raster index.
     padded = width + 2
@@ -314,15 +401,16 @@ def upper_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, 
     for step in range(8):
         offsets[step] = RING[step][1] * padded + RING[step][0]
     parent = np.empty(size, np.int32)
-    added = np.zeros(size, np.uint8)
+    state = np.zeros(size, np.uint16)
     attrs = np.empty((size, 8), np.int32)
+    forest = np.empty(size, np.int32)  # the filled map's groups: over roots of `parent` and hole pixels
+    hole_area2 = np.zeros(size, np.int32)  # per group root: twice the cell area its hole pixels completed
     candidates = np.empty(height * width, np.int32)  # every root made, dropped once merged
+    groups = np.empty(height * width, np.int32)
+    open_at = np.empty(size, np.uint8)  # per pixel: its open neighbours when it was added
+    n_open = 0  # hole pixels in {filled >= v} but not in {image >= v}
+    group_area = np.empty(size, np.int64)
     n_candidates = 0
-    filled_parent = np.empty(size if n_hole_pixels else 0, np.int32)
-    filled_added = np.empty(size if n_hole_pixels else 0, np.uint8)
-    filled_attrs = np.empty((size if n_hole_pixels else 0, 8), np.int32)
-    filled_candidates = np.empty(height * width if n_hole_pixels else 0, np.int32)
-    n_filled = 0
     n_values = len(values)
     out_iou = np.zeros(n_values)
     out_box = np.zeros((n_values, 4), np.int64)
@@ -333,41 +421,28 @@ def upper_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, 
     for value in range(255, -1, -1):
         if index < 0:
             break
-        if value == hole_high:  # {filled >= v} = {image >= v} above: start from a copy
-            filled_parent[:] = parent
-            filled_added[:] = added
-            n_candidates = _live_roots(parent, candidates, n_candidates)
-            for position in range(n_candidates):
-                filled_attrs[candidates[position]] = attrs[candidates[position]]
-                filled_candidates[position] = candidates[position]
-            n_filled = n_candidates
-        in_holes = hole_low <= value <= hole_high
         for position in range(starts[value], starts[value + 1]):
             y, x, pixel = _unpack(order[position], padded)
-            if _insert(parent, added, attrs, pixel, x, y, y * width + x, offsets):
+            if _insert(parent, state, attrs, forest, open_at, pixel, x, y, y * width + x, offsets, False):
                 candidates[n_candidates] = pixel
                 n_candidates += 1
-            # into the filled map too, unless it is a hole pixel (in it since its filled value)
-            if in_holes and filled[y, x] == value:
-                if _insert(filled_parent, filled_added, filled_attrs, pixel, x, y, y * width + x, offsets):
-                    filled_candidates[n_filled] = pixel
-                    n_filled += 1
-        if in_holes:
-            for position in range(hole_starts[value], hole_starts[value + 1]):
-                y, x, pixel = _unpack(hole_order[position], padded)
-                if _insert(filled_parent, filled_added, filled_attrs, pixel, x, y, y * width + x, offsets):
-                    filled_candidates[n_filled] = pixel
-                    n_filled += 1
+        for position in range(closing_starts[value], closing_starts[value + 1]):  # hole pixels
+            y, x, pixel = _unpack(closing[position], padded)
+            if _insert(parent, state, attrs, forest, open_at, pixel, x, y, y * width + x, offsets, True):
+                candidates[n_candidates] = pixel
+                n_candidates += 1
+        if n_open:  # some of these pixels may have had open neighbours
+            _join_open(parent, forest, hole_area2, open_at, order[starts[value]:starts[value + 1]], offsets, padded)
+        n_open += hole_starts[value + 1] - hole_starts[value] - (closing_starts[value + 1] - closing_starts[value])
+        for position in range(hole_starts[value], hole_starts[value + 1]):
+            _open(parent, state, forest, hole_area2, _unpack(hole_order[position], padded)[2], offsets)
         if value != values[index]:
             continue
-        n_candidates = _live_roots(parent, candidates, n_candidates)
-        out_iou[index] = _best_component(attrs, candidates[:n_candidates], filled, value, width, height, gt,
-                                         out_box[index], out_ties[index])
-        if in_holes:
-            n_filled = _live_roots(filled_parent, filled_candidates, n_filled)
-            _largest_component(filled_attrs, filled_candidates[:n_filled], width, height, out_largest_box[index])
-        else:
-            _largest_component(attrs, candidates[:n_candidates], width, height, out_largest_box[index])
+        n_candidates = _live_roots(parent, forest, hole_area2, candidates, n_candidates)
+        roots = candidates[:n_candidates]
+        out_iou[index] = _best_component(attrs, roots, filled, value, width, height, gt, out_box[index], out_ties[index])
+        _largest_filled(attrs, forest, hole_area2, roots, groups, group_area, filled, value, width, height,
+                        out_largest_box[index])
         box = out_largest_box[index]
         out_largest[index] = _best_iou(box[0], box[1], box[2], box[3], gt)
         index -= 1
@@ -389,7 +464,7 @@ def hole_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, g
     height, width = image.shape
     high = filled.ravel()
     count = height * width
-    _, _, _, _, order, starts, _, _ = sorted_pixels
+    _, _, _, _, order, starts = sorted_pixels
     parent = np.full(count, -1, np.int32)  # -1: not a hole pixel, or not in yet
     attrs = np.empty((count, 8), np.int32)  # first pixel and area: not needed for holes
     candidates = np.empty(max(len(order), 1), np.int32)
@@ -496,26 +571,9 @@ def fill_holes(image: np.ndarray) -> np.ndarray:
         size -= 1
         queued[pixel] = False
         value = high[pixel]
-        y = pixel // width
-        x = pixel - y * width
-        for step in range(4):  # the inside neighbours (the edge keeps its values)
-            if step == 0:
-                if y <= 1:
-                    continue
-                neighbour = pixel - width
-            elif step == 1:
-                if y >= height - 2:
-                    continue
-                neighbour = pixel + width
-            elif step == 2:
-                if x <= 1:
-                    continue
-                neighbour = pixel - 1
-            else:
-                if x >= width - 2:
-                    continue
-                neighbour = pixel + 1
-            if high[neighbour] > low[neighbour] and high[neighbour] > value:
+        for neighbour in (pixel - width, pixel + width, pixel - 1, pixel + 1):
+            # (an edge pixel keeps its value, high == low: never lowered, never queued)
+            if high[neighbour] > value and high[neighbour] > low[neighbour]:
                 high[neighbour] = max(value, low[neighbour])
                 if not queued[neighbour]:
                     queued[neighbour] = True
