@@ -139,6 +139,30 @@ def test_largest_component_is_opencvs_largest_contour():
     assert single > 20
 
 
+def test_largest_filled_component_at_every_level_is_opencvs_largest_contour():
+    # V1's box level by level, on maps whose levels have holes with components nested in them: the
+    # filled map's components are built level by level from the components and the hole pixels.
+    ring = np.zeros((12, 24), dtype=np.uint8)
+    ring[1:9, 1:9] = 3
+    ring[2:8, 2:8] = 0  # a one-pixel ring: its own cells are 2, its filled area 49
+    ring[4:6, 4:6] = 5  # nested in its hole
+    ring[2:7, 14:19] = 3  # a block of 16 cells: larger than the ring's pixels, not its filled area
+    rng = np.random.default_rng(17)
+    maps = [ring] + [adversarial_map(kind, rng) for kind in ("nested", "noise", "diagonal", "lines") * 30]
+    checked = 0
+    for image in maps:
+        values = np.unique(image[image > 0]).astype(np.int64)
+        if not len(values):
+            continue
+        largest = level_boxes(image, values, np.zeros((1, 4), dtype=np.int64))[4]
+        for value, box in zip(values, largest):
+            binary = (image >= value).astype(np.uint8)
+            assert box.tolist() == reference_boxes_u8(binary, 0.0, multi_contour=False)[0], (image.tolist(), value)
+            checked += 1
+    assert level_boxes(ring, np.array([3, 5]), np.zeros((1, 4), dtype=np.int64))[4].tolist() == [[1, 1, 9, 9], [4, 4, 6, 6]]
+    assert checked > 300
+
+
 def test_tied_boxes_are_ordered_as_opencv_lists_them():
     # Two equal blocks, mirror images of each other; the ground truth overlaps each protocol box
     # ([1, 2, 4, 5] and [8, 2, 11, 5]) by 2 x 3 pixels: equal IoUs, different boxes. OpenCV lists

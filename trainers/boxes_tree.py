@@ -244,7 +244,7 @@ def _insert(parent, state, attrs, forest, open_at, pixel: int, x: int, y: int, f
     state[U(pixel)] = IN
     root = -1
     for group in range(N_GROUPS[U(mask)]):
-        other = _find(parent, pixel + offsets[U(GROUPS[U(mask), group])])
+        other = _find(parent, pixel + offsets[U(GROUPS[U(mask), U(group)])])
         if root < 0:
             root = other
         elif other != root:
@@ -268,7 +268,7 @@ def _join_open(parent, forest, hole_area2, open_at, pixels, offsets, padded: int
             continue
         group = _find(forest, _find(parent, pixel))
         for index in range(N_GROUPS[U(open_mask)]):
-            other = _find(forest, pixel + offsets[U(GROUPS[U(open_mask), index])])
+            other = _find(forest, pixel + offsets[U(GROUPS[U(open_mask), U(index)])])
             if other != group:
                 group = _merge(forest, hole_area2, group, other)
 
@@ -279,9 +279,9 @@ def _live_roots(parent, forest, hole_area2, candidates, n_candidates: int) -> in
     were joined to another root are joined to that root's in the forest."""
     kept = 0
     for position in range(n_candidates):
-        node = candidates[position]
-        if parent[node] == node:
-            candidates[kept] = node
+        node = candidates[U(position)]
+        if parent[U(node)] == node:
+            candidates[U(kept)] = node
             kept += 1
             continue
         group, other = _find(forest, node), _find(forest, _find(parent, node))
@@ -302,11 +302,11 @@ def _open(parent, state, forest, hole_area2, pixel: int, offsets) -> None:
     hole_area2[U(pixel)] = AREA_GAIN[U(mask | open_mask)]  # (0 before: never a root of the first union-find)
     group = pixel
     for index in range(N_GROUPS[U(mask)]):
-        other = _find(forest, _find(parent, pixel + offsets[U(GROUPS[U(mask), index])]))
+        other = _find(forest, _find(parent, pixel + offsets[U(GROUPS[U(mask), U(index)])]))
         if other != group:
             group = _merge(forest, hole_area2, group, other)
     for index in range(N_GROUPS[U(open_mask)]):  # open neighbours: their own nodes
-        other = _find(forest, pixel + offsets[U(GROUPS[U(open_mask), index])])
+        other = _find(forest, pixel + offsets[U(GROUPS[U(open_mask), U(index)])])
         if other != group:
             group = _merge(forest, hole_area2, group, other)
 
@@ -326,13 +326,14 @@ def _best_component(attrs, roots, filled, value: int, width: int, height: int, g
     lead_first = nested_first = -1
     lead_x0 = lead_y0 = lead_x1 = lead_y1 = 0
     for node in roots:
-        x0, y0 = attrs[node, LEFT], attrs[node, TOP]
-        x1, y1 = min(attrs[node, RIGHT] + 1, width - 1), min(attrs[node, BOTTOM] + 1, height - 1)
+        at = U(node)
+        x0, y0 = attrs[at, LEFT], attrs[at, TOP]
+        x1, y1 = min(attrs[at, RIGHT] + 1, width - 1), min(attrs[at, BOTTOM] + 1, height - 1)
         iou = _best_iou(x0, y0, x1, y1, gt)
         if iou < top_iou:
             continue
-        start = attrs[node, FIRST]
-        outermost = start < width or filled.flat[start - width] < value
+        start = attrs[at, FIRST]
+        outermost = start < width or filled.flat[U(start - width)] < value
         if iou > top_iou:  # a new best
             top_iou = iou
             box[0], box[1], box[2], box[3] = x0, y0, x1, y1
@@ -359,21 +360,21 @@ def _largest_filled(attrs, forest, hole_area2, roots, groups, group_area, filled
     {image >= v} (its box and first pixel) and what is nested in it; its cell area is its
     components' AREA2 and its group's hole cells. `groups`, `group_area`: scratch space."""
     for position in range(len(roots)):
-        groups[position] = group = _find(forest, roots[position])
-        group_area[group] = hole_area2[group]
+        groups[U(position)] = group = _find(forest, roots[U(position)])
+        group_area[U(group)] = hole_area2[U(group)]
     for position in range(len(roots)):
-        group_area[groups[position]] += attrs[roots[position], AREA2]
+        group_area[U(groups[U(position)])] += attrs[U(roots[U(position)]), AREA2]
     top_area = top_first = -1
     for position in range(len(roots)):
-        node = roots[position]
-        start = attrs[node, FIRST]
-        if start >= width and filled.flat[start - width] >= value:
+        at = U(roots[U(position)])
+        start = attrs[at, FIRST]
+        if start >= width and filled.flat[U(start - width)] >= value:
             continue  # nested: the pixel above its first is in a hole
-        area2 = group_area[groups[position]]
+        area2 = group_area[U(groups[U(position)])]
         if area2 > top_area or (area2 == top_area and start > top_first):
             top_area, top_first = area2, start
-            box[0], box[1] = attrs[node, LEFT], attrs[node, TOP]
-            box[2], box[3] = min(attrs[node, RIGHT] + 1, width - 1), min(attrs[node, BOTTOM] + 1, height - 1)
+            box[0], box[1] = attrs[at, LEFT], attrs[at, TOP]
+            box[2], box[3] = min(attrs[at, RIGHT] + 1, width - 1), min(attrs[at, BOTTOM] + 1, height - 1)
 
 
 @numba.njit(**_JIT)
@@ -504,25 +505,26 @@ def hole_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, g
         kept = 0
         best = -1.0
         for position in range(n_candidates):
-            node = candidates[position]
+            node = candidates[U(position)]
+            at = U(node)
             # merged into another root, or joined the outside below this level (for good: the
             # holes it could meet later would have its filled value too)
-            if parent[node] != node or high[node] < value:
+            if parent[at] != node or high[at] < value:
                 continue
-            candidates[kept] = node
+            candidates[U(kept)] = node
             kept += 1
-            x0, y0 = attrs[node, LEFT] - 1, attrs[node, TOP] - 1
-            x1, y1 = min(attrs[node, RIGHT] + 2, width - 1), min(attrs[node, BOTTOM] + 2, height - 1)
+            x0, y0 = attrs[at, LEFT] - 1, attrs[at, TOP] - 1
+            x1, y1 = min(attrs[at, RIGHT] + 2, width - 1), min(attrs[at, BOTTOM] + 2, height - 1)
             iou = _best_iou(x0, y0, x1, y1, gt)
             if iou > best:
                 best = iou
                 out_tied[index] = False
                 out_box[index, 0], out_box[index, 1], out_box[index, 2], out_box[index, 3] = x0, y0, x1, y1
-                out_last[index] = attrs[node, FIRST]
+                out_last[index] = attrs[at, FIRST]
                 continue
             if iou < best:
                 continue
-            out_last[index] = max(out_last[index], attrs[node, FIRST])
+            out_last[index] = max(out_last[index], attrs[at, FIRST])
             if x0 != out_box[index, 0] or y0 != out_box[index, 1] or x1 != out_box[index, 2] or y1 != out_box[index, 3]:
                 out_tied[index] = True
         n_candidates = kept
