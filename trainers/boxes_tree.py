@@ -232,35 +232,6 @@ def _ring(state, pixel: int, offsets) -> int:
 
 
 @numba.njit(inline="always", **_JIT)
-def _insert(parent, state, attrs, forest, open_at, pixel: int, x: int, y: int, first: int, offsets, hole: bool) -> bool:
-    """Add one pixel of the padded map to the 8-connected union-find of {image >= v} (`state`: IN or
-    OPEN a pixel, two bytes, so that the neighbours are read from the cache; `offsets`: the RING
-    neighbours' index steps); True if it starts a component.
-
-    A pixel that is not a `hole` pixel joins {filled >= v} now too: it brings the cells it completes
-    there to its component's area, and its open neighbours (`open_at[pixel]`, a RING mask) are to be
-    joined with its group of the forest. A hole pixel is there already. (`hole` is a constant at each
-    call: numba compiles two loops without the tests. The forest's joins are left to the caller: a
-    call to them here, though rare, makes numba compile this loop 1.6x slower.)"""
-    ring = _ring(state, pixel, offsets)
-    mask, open_mask = ring & 0xFF, ring >> 8
-    state[U(pixel)] = IN
-    root = -1
-    for group in range(N_GROUPS[U(mask)]):
-        other = _find(parent, pixel + offsets[U(GROUPS[U(mask), U(group)])])
-        if root < 0:
-            root = other
-        elif other != root:
-            root = _join(parent, attrs, root, other)
-    new = _add(parent, attrs, pixel, root, x, y, first, 0 if hole else AREA_GAIN[U(mask | open_mask)])
-    if not hole:
-        if new:
-            forest[U(pixel)] = pixel
-        open_at[U(pixel)] = open_mask
-    return new
-
-
-@numba.njit(inline="always", **_JIT)
 def _store(attrs, root: int, left: int, top: int, right: int, bottom: int, first: int, size: int, area2: int) -> None:
     at = U(root)
     attrs[at, LEFT], attrs[at, TOP], attrs[at, RIGHT], attrs[at, BOTTOM] = left, top, right, bottom
@@ -269,9 +240,16 @@ def _store(attrs, root: int, left: int, top: int, right: int, bottom: int, first
 
 @numba.njit(**_JIT)
 def _add_level(parent, state, attrs, forest, open_at, candidates, n_candidates: int, pixels, width: int,
-               offsets) -> int:
-    """_insert(..., hole=False) for each of `pixels` (one level's pixels that are not hole pixels,
-    sorted as y << 16 | x); the roots they start go to `candidates`, whose new count is returned.
+               offsets, hole: bool) -> int:
+    """Add one level's pixels (sorted as y << 16 | x; all hole pixels or none) to the 8-connected
+    union-find of {image >= v} over the padded map (`state`: IN or OPEN a pixel, two bytes, so that
+    the neighbours are read from the cache; `offsets`: the RING neighbours' index steps); the roots
+    they start go to `candidates`, whose new count is returned.
+
+    A pixel that is not a `hole` pixel joins {filled >= v} now too: it brings the cells it completes
+    there to its component's area, and its open neighbours (`open_at[pixel]`, a RING mask) are left
+    to _join_open to join with its group of the forest. A hole pixel is there already. (No forest
+    joins in this loop: a call to them here, though rare, made numba compile it 1.6x slower.)
 
     Consecutive pixels of a level mostly join the same component: its attributes are kept in
     locals until another root comes (or a join, or the level's end), instead of seven
@@ -299,7 +277,8 @@ def _add_level(parent, state, attrs, forest, open_at, candidates, n_candidates: 
                 _store(attrs, cached, left, top, right, bottom, first, size, area2)
             if root < 0:  # a new component
                 root = pixel
-                forest[U(pixel)] = pixel
+                if not hole:  # (a hole pixel's node is in the forest already)
+                    forest[U(pixel)] = pixel
                 candidates[U(n_candidates)] = pixel
                 n_candidates += 1
                 left = right = x
@@ -314,8 +293,9 @@ def _add_level(parent, state, attrs, forest, open_at, candidates, n_candidates: 
         left, right, top, bottom = min(left, x), max(right, x), min(top, y), max(bottom, y)
         first = min(first, y * width + x)
         size += 1
-        area2 += AREA_GAIN[U(mask | open_mask)]
-        open_at[U(pixel)] = open_mask
+        if not hole:
+            area2 += AREA_GAIN[U(mask | open_mask)]
+            open_at[U(pixel)] = open_mask
     if cached >= 0:
         _store(attrs, cached, left, top, right, bottom, first, size, area2)
     return n_candidates
@@ -490,12 +470,9 @@ def upper_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, 
         if index < 0:
             break
         n_candidates = _add_level(parent, state, attrs, forest, open_at, candidates, n_candidates,
-                                  order[starts[value]:closing[value]], width, offsets)
-        for position in range(closing[value], starts[value + 1]):  # hole pixels
-            y, x, pixel = _unpack(order[U(position)], padded)
-            if _insert(parent, state, attrs, forest, open_at, pixel, x, y, y * width + x, offsets, True):
-                candidates[U(n_candidates)] = pixel
-                n_candidates += 1
+                                  order[starts[value]:closing[value]], width, offsets, False)
+        n_candidates = _add_level(parent, state, attrs, forest, open_at, candidates, n_candidates,
+                                  order[closing[value]:starts[value + 1]], width, offsets, True)  # hole pixels
         if n_open:  # some of these pixels may have had open neighbours
             _join_open(parent, forest, hole_area2, open_at, order[starts[value]:closing[value]], offsets, padded)
         n_open += hole_starts[value + 1] - hole_starts[value] - (starts[value + 1] - closing[value])
