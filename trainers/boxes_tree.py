@@ -38,8 +38,11 @@ Other ties (between contours inside a hole) are handed back and traced with find
 
 Per pixel, the union-find reads its eight neighbours from a state map into an 8-bit mask; tables
 give the neighbours to look up (one of each group that touch each other, so mostly one `find` a
-pixel) and the growth of the cell area. Compiled with numba (cached on disk after the first call;
-a few seconds once per machine); `tree_curve` is one call a CAM.
+pixel) and the growth of the cell area; the current component's attributes stay in locals while
+a level's consecutive pixels join it. Compiled with numba (cached on disk after the first call;
+a few seconds once per machine); `tree_curve` is one call a CAM. Array indices in the loops are
+cast to unsigned (`U`) where they index, and arrays are looped over by index: numba otherwise
+emits a negative-index wraparound per access (the loops ran 1.2-2x slower).
 """
 from __future__ import annotations
 
@@ -527,7 +530,7 @@ def hole_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, g
                 pixel = y * width + x
                 root = -1
                 for step in range(4):
-                    neighbour = pixel + offsets[step]
+                    neighbour = pixel + offsets[U(step)]
                     linked = parent[U(neighbour)]
                     if linked < 0 or linked == root:
                         continue
