@@ -193,30 +193,6 @@ def _join(parent, attrs, a: int, b: int) -> int:
 
 
 @numba.njit(inline="always", **_JIT)
-def _add(parent, attrs, pixel: int, root: int, x: int, y: int, first: int, area2: int) -> bool:
-    """Put a new pixel into the component `root` (-1: none yet, it starts its own). True if new."""
-    if root < 0:
-        at = U(pixel)
-        parent[at] = pixel
-        attrs[at, SIZE] = 1
-        attrs[at, LEFT] = attrs[at, RIGHT] = x
-        attrs[at, TOP] = attrs[at, BOTTOM] = y
-        attrs[at, FIRST] = first
-        attrs[at, AREA2] = area2
-        return True
-    parent[U(pixel)] = root
-    at = U(root)
-    attrs[at, SIZE] += 1
-    attrs[at, LEFT] = min(attrs[at, LEFT], x)
-    attrs[at, RIGHT] = max(attrs[at, RIGHT], x)
-    attrs[at, TOP] = min(attrs[at, TOP], y)
-    attrs[at, BOTTOM] = max(attrs[at, BOTTOM], y)
-    attrs[at, FIRST] = min(attrs[at, FIRST], first)
-    attrs[at, AREA2] += area2
-    return False
-
-
-@numba.njit(inline="always", **_JIT)
 def _unpack(packed: int, padded: int):
     """y, x and the padded map's index of a pixel sorted as y << 16 | x."""
     y, x = packed >> 16, packed & 0xFFFF
@@ -495,6 +471,53 @@ def upper_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, 
 
 
 @numba.njit(**_JIT)
+def _add_holes(parent, attrs, candidates, n_candidates: int, pixels, width: int) -> int:
+    """Add one level's hole pixels (sorted as y << 16 | x; never on the edge) to the 4-connected
+    union-find of the holes (`parent` -1 where a pixel is not in); the roots they start go to
+    `candidates`, whose new count is returned. As in _add_level, the current hole's attributes stay
+    in locals while consecutive pixels join it."""
+    cached = -1
+    left = top = right = bottom = first = size = 0
+    for position in range(len(pixels)):
+        packed = pixels[U(position)]
+        y, x = packed >> 16, packed & 0xFFFF
+        pixel = y * width + x
+        root = -1
+        for neighbour in (pixel - width, pixel + width, pixel - 1, pixel + 1):
+            linked = parent[U(neighbour)]
+            if linked < 0 or linked == root:
+                continue
+            other = _find(parent, neighbour)
+            if root < 0:
+                root = other
+            elif other != root:
+                if cached >= 0:
+                    _store(attrs, cached, left, top, right, bottom, first, size, 0)
+                    cached = -1
+                root = _join(parent, attrs, root, other)
+        if root < 0 or root != cached:
+            if cached >= 0:
+                _store(attrs, cached, left, top, right, bottom, first, size, 0)
+            if root < 0:  # a new hole
+                root = pixel
+                candidates[U(n_candidates)] = pixel
+                n_candidates += 1
+                left, top, right, bottom, first, size = x, y, x, y, pixel, 0
+            else:
+                at = U(root)
+                left, top, right, bottom = attrs[at, LEFT], attrs[at, TOP], attrs[at, RIGHT], attrs[at, BOTTOM]
+                first, size = attrs[at, FIRST], attrs[at, SIZE]
+            cached = root
+        parent[U(pixel)] = root
+        left, right, top, bottom = min(left, x), max(right, x), min(top, y), max(bottom, y)
+        first = min(first, pixel)
+        size += 1
+    if cached >= 0:
+        _store(attrs, cached, left, top, right, bottom, first, size, 0)
+    return n_candidates
+
+
+@numba.njit(**_JIT)
 def hole_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, gt: np.ndarray, sorted_pixels):
     """The holes of {image >= v} for every v of `values` (ascending): 4-connected regions of
     {image < v} off the image's edge. Per v: best IoU of a hole border's box (-1 without holes),
@@ -511,9 +534,8 @@ def hole_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, g
     count = height * width
     order, starts, closing, hole_pixels, _ = sorted_pixels
     parent = np.full(count, -1, np.int32)  # -1: not a hole pixel, or not in yet
-    attrs = np.empty((count, 8), np.int32)  # first pixel and area: not needed for holes
+    attrs = np.empty((count, 8), np.int32)  # (AREA2 is not used for holes)
     candidates = np.empty(max(len(hole_pixels), 1), np.int32)
-    offsets = np.array([-width, width, -1, 1], np.int64)
     n_candidates = 0
     n_values = len(values)
     out_iou = np.full(n_values, -1.0)
@@ -523,25 +545,8 @@ def hole_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, g
     added = 0  # every value below this one is in
     for index in range(n_values):
         while added < values[index]:
-            for position in range(closing[added], starts[added + 1]):  # its hole pixels
-                packed = order[U(position)]
-                y = packed >> 16  # never on the edge (filled = image there): four neighbours
-                x = packed & 0xFFFF
-                pixel = y * width + x
-                root = -1
-                for step in range(4):
-                    neighbour = pixel + offsets[U(step)]
-                    linked = parent[U(neighbour)]
-                    if linked < 0 or linked == root:
-                        continue
-                    other = _find(parent, neighbour)
-                    if root < 0:
-                        root = other
-                    elif other != root:
-                        root = _join(parent, attrs, root, other)
-                if _add(parent, attrs, pixel, root, x, y, pixel, 0):
-                    candidates[U(n_candidates)] = pixel
-                    n_candidates += 1
+            n_candidates = _add_holes(parent, attrs, candidates, n_candidates,
+                                      order[closing[added]:starts[added + 1]], width)  # its hole pixels
             added += 1
         value = values[index]
         kept = 0
