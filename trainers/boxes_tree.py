@@ -232,7 +232,7 @@ def _add_level(parent, state, attrs, forest, open_at, candidates, n_candidates: 
     """Add one level's pixels (sorted as y << 16 | x; all hole pixels or none) to the 8-connected
     union-find of {image >= v} over the padded map (`state`: IN or OPEN a pixel, two bytes, so that
     the neighbours are read from the cache; `offsets`: the RING neighbours' index steps); the roots
-    they start go to `candidates`, whose new count is returned.
+    they start go to `candidates`. Returns their new count and how many pixels have open neighbours.
 
     A pixel that is not a `hole` pixel joins {filled >= v} now too: it brings the cells it completes
     there to its component's area, and its open neighbours (`open_at[pixel]`, a RING mask) are left
@@ -245,6 +245,7 @@ def _add_level(parent, state, attrs, forest, open_at, candidates, n_candidates: 
     padded = width + 2
     cached = -1  # the root whose attributes are in the locals below
     left = top = right = bottom = first = size = area2 = 0
+    touching = 0
     for position in range(len(pixels)):
         y, x, pixel = _unpack(pixels[U(position)], padded)
         ring = _ring(state, pixel, offsets)
@@ -284,9 +285,10 @@ def _add_level(parent, state, attrs, forest, open_at, candidates, n_candidates: 
         if not hole:
             area2 += AREA_GAIN[U(mask | open_mask)]
             open_at[U(pixel)] = open_mask
+            touching += open_mask != 0
     if cached >= 0:
         _store(attrs, cached, left, top, right, bottom, first, size, area2)
-    return n_candidates
+    return n_candidates, touching
 
 
 @numba.njit(**_JIT)
@@ -444,7 +446,6 @@ def upper_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, 
     candidates = np.empty(height * width, np.int32)  # every root made, dropped once merged
     groups = np.empty(height * width, np.int32)
     open_at = np.empty(size, np.uint8)  # per pixel: its open neighbours when it was added
-    n_open = 0  # hole pixels in {filled >= v} but not in {image >= v}
     group_area = np.empty(size, np.int64)
     n_candidates = 0
     n_values = len(values)
@@ -457,13 +458,12 @@ def upper_components(image: np.ndarray, filled: np.ndarray, values: np.ndarray, 
     for value in range(255, -1, -1):
         if index < 0:
             break
+        n_candidates, touching = _add_level(parent, state, attrs, forest, open_at, candidates, n_candidates,
+                                            order[starts[value]:closing[value]], width, offsets, False)
         n_candidates = _add_level(parent, state, attrs, forest, open_at, candidates, n_candidates,
-                                  order[starts[value]:closing[value]], width, offsets, False)
-        n_candidates = _add_level(parent, state, attrs, forest, open_at, candidates, n_candidates,
-                                  order[closing[value]:starts[value + 1]], width, offsets, True)  # hole pixels
-        if n_open:  # some of these pixels may have had open neighbours
+                                  order[closing[value]:starts[value + 1]], width, offsets, True)[0]  # hole pixels
+        if touching:  # some of these pixels have open neighbours
             _join_open(parent, forest, hole_area2, open_at, order[starts[value]:closing[value]], offsets, padded)
-        n_open += hole_starts[value + 1] - hole_starts[value] - (starts[value + 1] - closing[value])
         for position in range(hole_starts[value], hole_starts[value + 1]):
             _open(parent, state, forest, hole_area2, _unpack(hole_order[U(position)], padded)[2], offsets)
         if value != values[index]:
