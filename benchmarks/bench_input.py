@@ -9,17 +9,24 @@ DataLoader worker's setting) runs, image by image:
 
 - train, before: full decode (torchvision.io), resize the whole image (torchvision, antialiased),
   crop, flip: the pipeline up to this change;
-- train, now: trainers.datasets.decode.decode_train_crop (scaled DCT decode, only the crop resampled);
-- eval: full decode, resize straight to the input size (unchanged);
+- train, decode_train_crop: scaled DCT decode, only the crop resampled (`data.cache: false`; the
+  default pipeline of 2026-12-04 to -06, "today's" of issue 12);
+- train, cache: trainers.datasets.cache (the default since 2026-12-06): its first read of an image
+  (full decode, resize, write the entry; a fresh cache folder each pass) and its later reads (every
+  later epoch, and every other trial on the node: read the entry, crop, flip);
+- eval: full decode, resize straight to the input size, and the same from the cache;
 - floors: a bare full decode (torchvision.io) and a bare decode at the scale `draft` picks, the least
-  a core must spend on each photo.
+  a core must spend on each photo when it decodes it.
 
-The geometry (crop offsets, flips, mapped boxes) of both train pipelines is checked identical, and
-the pixels' largest difference is printed.
+The geometry (crop offsets, flips, mapped boxes) of every train pipeline is checked identical; the
+cache's train and eval images are checked equal to the full-decode pipelines' to the bit, and
+decode_train_crop's largest pixel difference from them is printed. The cache's entries sit in the
+page cache here (a node's disk: a few GB/s of reads, tens of thousands of entries a second).
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -29,8 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainers.datasets.decode import decode_train_crop
-from trainers.datasets.decode import decode_rgb
+from trainers.datasets.cache import ImageCache, crop_and_flip
+from trainers.datasets.decode import decode_rgb, decode_train_crop
 from trainers.datasets.transforms import apply_geometry, eval_geometry, train_geometry
 
 
@@ -79,6 +86,27 @@ def train_now(path: Path, index: int, resize: int, crop: int):
     return decode_train_crop(path, geometry_drawer(index, resize, crop))
 
 
+class Cached:
+    """The dataset's cached path (trainers/datasets/sources.py, FolderDataset._cached) over `folder`."""
+
+    def __init__(self, folder: Path, train: bool, cold: bool = False) -> None:
+        self.folder, self.train, self.cold = folder, train, cold  # cold: each pass from an empty cache
+        self.cache = ImageCache(folder)
+
+    def __call__(self, path: Path, index: int, resize: int, crop: int):
+        if not self.train:
+            pixels, width, height = self.cache.resized(path, crop)
+            return torch.from_numpy(pixels), eval_geometry(width, height, crop)
+        pixels, width, height = self.cache.resized(path, resize)
+        geometry = geometry_drawer(index, resize, crop)(width, height)
+        return crop_and_flip(pixels, geometry.offset_x, geometry.offset_y, crop, geometry.flip), geometry
+
+    def fresh(self) -> None:
+        """An empty cache folder: the next pass reads each image for the first time."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.cache = ImageCache(self.folder)
+
+
 def evaluate(path: Path, index: int, resize: int, crop: int):
     image = decode_rgb(path)
     return apply_geometry(image, eval_geometry(image.shape[2], image.shape[1], crop)), None
@@ -95,19 +123,29 @@ def decode_scaled(path: Path, index: int, resize: int, crop: int):
     return image, None
 
 
-PIPELINES = {
-    "train, before (full decode + torchvision resize)": train_before,
-    "train, now (decode_train_crop)": train_now,
-    "eval (full decode + resize, unchanged)": evaluate,
-    "floor: full decode only": decode_full,
-    "floor: decode at draft's scale only": decode_scaled,
-}
+TODAY = "train, decode_train_crop (today's)"
+
+
+def pipelines(folder: Path) -> dict:
+    return {
+        "train, full decode + torchvision resize": train_before,
+        TODAY: train_now,
+        "train, cache, first read (decode, resize, write)": Cached(folder / "cold", train=True, cold=True),
+        "train, cache, later reads": Cached(folder / "warm", train=True),
+        "eval, full decode + resize": evaluate,
+        "eval, cache, later reads": Cached(folder / "eval", train=False),
+        "floor: full decode only": decode_full,
+        "floor: decode at draft's scale only": decode_scaled,
+    }
 
 
 def rate(pipeline, paths, resize, crop, repeats) -> float:
-    """Median images/s over `repeats` passes (after one warm-up pass)."""
+    """Median images/s over `repeats` passes (after one warm-up pass; a first-read pipeline starts
+    each pass with an empty cache)."""
     times = []
     for attempt in range(repeats + 1):
+        if getattr(pipeline, "cold", False):
+            pipeline.fresh()
         start = time.perf_counter()
         for index, path in enumerate(paths):
             pipeline(path, index, resize, crop)
@@ -116,16 +154,24 @@ def rate(pipeline, paths, resize, crop, repeats) -> float:
     return len(paths) / statistics.median(times)
 
 
-def compare(paths, resize, crop) -> tuple[bool, int, float]:
-    """Whether both train pipelines draw the same geometry; their pixels' largest and mean difference."""
-    same_geometry, largest, total = True, 0, 0.0
-    for index, path in enumerate(paths):
-        before, geometry_before = train_before(path, index, resize, crop)
-        now, geometry_now = train_now(path, index, resize, crop)
-        same_geometry &= geometry_before == geometry_now
-        difference = (before.int() - now.int()).abs()
-        largest, total = max(largest, int(difference.max())), total + float(difference.float().mean())
-    return same_geometry, largest, total / len(paths)
+def compare(paths, resize, crop, folder: Path) -> str:
+    """Whether every train pipeline draws the same geometry, whether the cache's images equal the full
+    decode's (train and eval, first and later reads), and decode_train_crop's pixel difference."""
+    same_geometry, cache_equal, largest, total = True, True, 0, 0.0
+    train_cached, eval_cached = Cached(folder / "compare-train", True), Cached(folder / "compare-eval", False)
+    for _ in range(2):  # first reads, then later reads
+        for index, path in enumerate(paths):
+            before, geometry_before = train_before(path, index, resize, crop)
+            now, geometry_now = train_now(path, index, resize, crop)
+            cached, geometry_cached = train_cached(path, index, resize, crop)
+            same_geometry &= geometry_before == geometry_now == geometry_cached
+            cache_equal &= torch.equal(before, cached) and torch.equal(evaluate(path, index, resize, crop)[0],
+                                                                       eval_cached(path, index, resize, crop)[0])
+            difference = (before.int() - now.int()).abs()
+            largest, total = max(largest, int(difference.max())), total + float(difference.float().mean())
+    return (f"geometry identical: {same_geometry}; cache's train and eval images equal to the full decode's: "
+            f"{cache_equal}; decode_train_crop's pixel difference (of 255): largest {largest}, "
+            f"mean {total / len(paths) / 2:.2f}")
 
 
 def gpu_rate(paths, resize: int, batch: int = 64) -> float:
@@ -165,16 +211,15 @@ def main() -> None:
         sizes = {name: np.median([Image.open(p).size for p in paths], axis=0).astype(int) for name, paths in sets.items()}
         print(f"{len(photos)} photos, resize {args.resize} (square), crop {args.crop}, one core, "
               f"torch {torch.__version__}, Pillow {Image.__version__}")
-        print("| photos (median size) | pipeline | images/s per core | vs train before |")
+        print("| photos (median size) | pipeline | images/s per core | vs today's train pipeline |")
         print("|---|---|---|---|")
-        for name, paths in sets.items():
-            rates = {label: rate(run, paths, args.resize, args.crop, args.repeats) for label, run in PIPELINES.items()}
-            base = rates["train, before (full decode + torchvision resize)"]
+        for number, (name, paths) in enumerate(sets.items()):
+            runs = pipelines(Path(folder) / f"cache{number}")
+            rates = {label: rate(run, paths, args.resize, args.crop, args.repeats) for label, run in runs.items()}
             for label, value in rates.items():
-                print(f"| {name} ({sizes[name][0]}x{sizes[name][1]}) | {label} | {value:.0f} | {value / base:.2f}x |")
-        for name, paths in sets.items():
-            same, largest, mean = compare(paths, args.resize, args.crop)
-            print(f"{name}: geometry identical: {same}; pixel difference (of 255): largest {largest}, mean {mean:.2f}")
+                print(f"| {name} ({sizes[name][0]}x{sizes[name][1]}) | {label} | {value:.0f} | {value / rates[TODAY]:.2f}x |")
+        for number, (name, paths) in enumerate(sets.items()):
+            print(f"{name}: {compare(paths, args.resize, args.crop, Path(folder) / f'compare{number}')}")
         if args.gpu_decode:
             for name, paths in sets.items():
                 print(f"{name}: nvjpeg on the GPU, batches of 64, decode + resize: {gpu_rate(paths, args.resize):.0f} images/s")

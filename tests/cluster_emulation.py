@@ -183,9 +183,11 @@ class EmulatedCluster:
         data = self.folder / f"node{self.added}"
         if not data.exists():
             node_dataset(VOC, data / "voc")
+        # Each node's image cache (trainers/datasets/cache.py) on its own disk, as on a real cluster.
         node = self.cluster.add_node(num_cpus=self.cpus_per_worker,
                                      env_vars={**self.s3.env, **RAY_ENV, "HAS_NODE_DATA": str(data),
-                                               "PYTHONPATH": str(ROOT)})
+                                               "HAS_SWEEP_CACHE": str(data / "image-cache"), "PYTHONPATH": str(ROOT)})
+        node.disk = data
         self.nodes.append(node)
         return node
 

@@ -141,6 +141,26 @@ def test_ddp_trials_survive_a_node_kill_and_a_tracking_server_restart(emulated):
     assert not (emulated.folder / "ray_results").exists()  # nothing on the driver's disk
     assert emulated.s3.keys("sweeps/ddp/has_sweep.json")
     assert_tracked_in_full(emulated, "ddp", trials=2)
+    assert_images_cached_on_each_node(emulated)
+
+
+def assert_images_cached_on_each_node(cluster: EmulatedCluster) -> None:
+    """The trials kept their resized images on their own nodes' disks ($HAS_SWEEP_CACHE there): whole
+    entries only, and no temporaries on the nodes still alive (a killed node may leave one)."""
+    from trainers.datasets.cache import HEADER, MAGIC
+
+    counts = {}
+    for folder in sorted(cluster.folder.glob("node*/image-cache")):
+        count = 0
+        for entry in folder.glob("*/*.img"):
+            data = entry.read_bytes()
+            magic, _, _, width, height = (int.from_bytes(data[k:k + 4], "little") for k in range(0, HEADER, 4))
+            assert magic == MAGIC and len(data) == HEADER + 3 * width * height and {width, height} <= {32, 40}, entry
+            count += 1
+        counts[folder.parent.name] = count
+    alive = {node.disk.name for node in cluster.nodes}
+    assert len(counts) >= 2 and all(counts.values()), counts
+    assert not [p for p in cluster.folder.glob("node*/image-cache/*/.*") if p.parts[-4] in alive]
 
 
 def test_a_killed_driver_resumes_from_s3_keeping_finished_trials_and_the_epochs_of_ddp_ones(emulated):

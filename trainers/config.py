@@ -37,6 +37,10 @@ class DataConfig:
     crop_size: int = 224  # ... then random-crop this; eval: resize straight to this (wsolevaluation), any mode
     batch_size: int = 128
     workers: int = 2  # DataLoader processes for folder datasets
+    cache: bool = True  # folder datasets: each image decoded and resized once per node, kept on its disk
+    #   (trainers/datasets/cache.py; every pixel as without it); False: decoded every epoch, large photos
+    #   at a reduced scale (trainers/datasets/decode.py)
+    cache_dir: str | None = None  # where, on each node: default $HAS_SWEEP_CACHE, else ~/.cache/has-sweep/images
     strict: bool = True  # bad metadata lines refuse training; False skips those images and says how many
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
 
@@ -181,7 +185,7 @@ class EvalConfig:
 
 
 # Keys that change how a run executes, not what it computes: a resume may change them.
-RUNTIME_KEYS = frozenset({"data.workers", "eval.workers", "device", "output_dir", "threads", "compile",
+RUNTIME_KEYS = frozenset({"data.workers", "data.cache_dir", "eval.workers", "device", "output_dir", "threads", "compile",
                           "keep_checkpoints", "progress", "fault_drill_epoch"})
 
 

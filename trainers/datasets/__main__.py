@@ -1,4 +1,4 @@
-"""`python -m trainers.datasets convert-voc SRC DST` and `python -m trainers.datasets check ROOT`.
+"""`python -m trainers.datasets convert-voc SRC DST`, `... check ROOT` and `... cache ROOT`.
 
 Exit status: 0 done, 1 strict check with problems, 2 bad arguments (one line on stderr).
 Imports of the tools happen inside the commands, so `--help` answers at once.
@@ -6,6 +6,7 @@ Imports of the tools happen inside the commands, so `--help` answers at once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 PROG = "python -m trainers.datasets"
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> _Parser:
     parser = _Parser(prog=PROG, description="Dataset tools for the wsolevaluation layout.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{convert-voc,check}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{convert-voc,check,cache}")
     voc = commands.add_parser("convert-voc", help="convert a Pascal VOC style folder (one class per image)",
                               description="Convert a Pascal VOC style folder (images + XML, one class per "
                                           "image) into DST/images, DST/metadata/{train,val,test}, DST/classes.txt.")
@@ -46,6 +47,23 @@ def _parser() -> _Parser:
     check.add_argument("--lenient", action="store_true", help="report problems but exit 0 (bad images skipped)")
     check.add_argument("--workers", type=int, default=2, help="decoding processes (default 2)")
     check.set_defaults(run=_check)
+    cache = commands.add_parser(
+        "cache", help="decode and resize every image into this node's image cache, on all cores",
+        description="Fill this node's image cache (trainers/datasets/cache.py) before training: each train "
+                    "image resized as data.resize and data.resize_size say, each val and test image to "
+                    "data.crop_size. Training fills it by itself on its first reads; this does it on every "
+                    "core at once (e.g. in cluster.yaml's worker_setup_commands, after copying the data).")
+    cache.add_argument("root", help="images root (image ids are relative to it)")
+    cache.add_argument("--metadata", help="metadata root holding train/ val/ test/ (default ROOT/metadata)")
+    cache.add_argument("--splits", default="train,val,test", help="splits to cache (default train,val,test)")
+    cache.add_argument("--resize-size", type=int, default=256, help="data.resize_size (default 256)")
+    cache.add_argument("--resize", choices=["square", "shorter_side"], default="square",
+                       help="data.resize (default square)")
+    cache.add_argument("--crop-size", type=int, default=224, help="data.crop_size (default 224)")
+    cache.add_argument("--cache-dir", help="data.cache_dir (default $HAS_SWEEP_CACHE, else ~/.cache/has-sweep/images)")
+    cache.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                       help="processes (default: every core of this machine)")
+    cache.set_defaults(run=_cache)
     return parser
 
 
@@ -95,8 +113,48 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show_progress(done: int, total: int) -> None:
-    print(f"\rdecoding {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+def _cache(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    root = Path(args.root)
+    metadata = Path(args.metadata) if args.metadata else root / "metadata"
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    if not root.is_dir():
+        return _fail("cache", f"ROOT: {root} is not a folder; give the images root")
+    if not metadata.is_dir():
+        return _fail("cache", f"--metadata: {metadata} is not a folder; give the folder holding train/ val/ test/")
+    if not splits or any(s not in SPLIT_NAMES for s in splits):
+        return _fail("cache", f"--splits: {args.splits!r} is not allowed; names among {','.join(SPLIT_NAMES)}")
+    if not 8 <= args.crop_size <= args.resize_size:
+        return _fail("cache", f"--crop-size {args.crop_size} / --resize-size {args.resize_size}: "
+                              "need 8 <= crop size <= resize size")
+    if args.workers < 1:
+        return _fail("cache", f"--workers: {args.workers} is not allowed; an integer >= 1")
+
+    from trainers.datasets.cache import cache_folder, fill_cache
+    from trainers.datasets.check import check_dataset
+
+    report = check_dataset(root, metadata, splits, decode=False)
+    if report.problems:
+        print(f"{report.summary()}: those images are left out (`{PROG} check {root}` lists them)", file=sys.stderr)
+    jobs = sorted({(str(root / record.image_id), args.resize_size, args.resize) if split == "train"
+                   else (str(root / record.image_id), args.crop_size, "square")
+                   for split in report.splits for record in report.records(split)})
+    folder = cache_folder(args.cache_dir)
+    results = fill_cache(folder, jobs, args.workers, progress=lambda done, total: _show_progress(done, total, "caching"))
+    failed = sorted(f"{path}: {found}" for (path, _, _), found in results.items() if isinstance(found, str))
+    done = [found for found in results.values() if not isinstance(found, str)]
+    decoded = sum(kind == "decoded" for kind, _ in done)
+    if failed:
+        print("\n".join(failed), file=sys.stderr)
+    print(f"image cache {folder}: {len(jobs)} images of {', '.join(report.splits)}: {decoded} decoded and kept, "
+          f"{len(done) - decoded} already there, {len(failed)} failed; "
+          f"{sum(size for _, size in done) / 2**20:.1f} MiB for this dataset")
+    return 1 if failed else 0
+
+
+def _show_progress(done: int, total: int, doing: str = "decoding") -> None:
+    print(f"\r{doing} {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

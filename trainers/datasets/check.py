@@ -131,26 +131,33 @@ def decode_image_size(path: str | Path) -> tuple[int, int]:
 def decode_sizes(paths: Sequence[str], workers: int = 2, progress: Progress | None = None
                  ) -> dict[str, tuple[int, int] | str]:
     """Each path's decoded (width, height), or the error message when it does not decode."""
-    results: dict[str, tuple[int, int] | str] = {}
-    if not paths:
+    return map_chunks(_decode_chunk, paths, workers, progress)
+
+
+def map_chunks(function: Callable[[list], dict], items: Sequence, workers: int = 2,
+               progress: Progress | None = None) -> dict:
+    """The merged dicts of `function` (picklable: a list of items to a dict) over chunks of `items`,
+    in `workers` spawn processes (1: in this one); `progress(done, total)` after each chunk."""
+    results: dict = {}
+    if not items:
         return results
-    chunk = max(1, min(64, math.ceil(len(paths) / (4 * max(1, workers)))))  # a few chunks per worker
-    chunks = [list(paths[i:i + chunk]) for i in range(0, len(paths), chunk)]
+    chunk = max(1, min(64, math.ceil(len(items) / (4 * max(1, workers)))))  # a few chunks per worker
+    chunks = [list(items[i:i + chunk]) for i in range(0, len(items), chunk)]
     if workers <= 1:
         for part in chunks:
-            results.update(_decode_chunk(part))
+            results.update(function(part))
             if progress:
-                progress(len(results), len(paths))
+                progress(len(results), len(items))
         return results
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=context) as pool:
-        for future in as_completed([pool.submit(_decode_chunk, part) for part in chunks]):
+        for future in as_completed([pool.submit(function, part) for part in chunks]):
             results.update(future.result())
             if progress:
-                progress(len(results), len(paths))
+                progress(len(results), len(items))
     return results
 
 

@@ -73,6 +73,17 @@ def decode_rgb(path: Path) -> Tensor:
         raise RuntimeError(f"{path}: cannot decode the image ({error}); run `python -m trainers.datasets check`") from None
 
 
+def decoder_name() -> str:
+    """Which decoder `decode_rgb` uses, with its version (the image cache's entries depend on it)."""
+    if _torchvision_decode is not None:
+        import torchvision
+
+        return f"torchvision {torchvision.__version__}"
+    from PIL import features
+
+    return f"pillow {Image.__version__} libjpeg-turbo {features.version('libjpeg_turbo')}"
+
+
 def decode_rgb_pillow(path: Path) -> Tensor:
     """decode_rgb with Pillow (errors are Pillow's)."""
     with Image.open(path) as image:

@@ -19,6 +19,7 @@ from functools import lru_cache
 import torch
 
 from trainers.backbones import input_normalization
+from trainers.datasets.cache import ImageCache, cache_folder
 from trainers.datasets.metadata import SPLITS
 from trainers.datasets.sources import FolderDataset, FolderSource, MemorySource, SplitSource
 from trainers.fills import IMAGENET_MEAN, IMAGENET_STD, FillStats
@@ -92,10 +93,11 @@ def _folder_data(config, seed: int, backbone: str) -> RunData:
                                 "a run needs train, val and test (<metadata>/<split>/image_ids.txt ...)")
     report, note = require_clean(report, strict=config.strict)  # strict: DatasetError naming every bad line
     records = {split: report.records(split) for split in SPLITS}
+    cache = ImageCache(cache_folder(config.cache_dir)) if config.cache else None
     sources = {}
     for split in SPLITS:
         dataset = FolderDataset(root, records[split], train=split == "train", resize=config.resize_size,
-                                crop=config.crop_size, seed=seed, resize_mode=config.resize)
+                                crop=config.crop_size, seed=seed, resize_mode=config.resize, cache=cache)
         sources[split] = FolderSource(split, dataset, config.workers, pin_memory=torch.cuda.is_available())
     labels = [r.label for split in SPLITS for r in records[split]]
     num_classes = max(labels) + 1

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from trainers.datasets.cache import ImageCache, crop_and_flip
 from trainers.datasets.decode import decode_rgb, decode_train_crop
 from trainers.datasets.transforms import (ResizeMode, apply_geometry, eval_geometry, map_mask, sample_seed,
                                           train_geometry)
@@ -81,14 +82,19 @@ class MemorySource(SplitSource):
 
 
 class FolderDataset(Dataset):
-    """Images of a wsolevaluation split (records from trainers.datasets.metadata) with their geometry."""
+    """Images of a wsolevaluation split (records from trainers.datasets.metadata) with their geometry.
+
+    With a `cache`, each image is decoded and resized once per node (trainers/datasets/cache.py) and
+    every read crops the kept image: the pixels of full decode + resize + crop + flip, exactly.
+    """
 
     def __init__(self, root: str | Path, records: Sequence, *, train: bool, resize: int, crop: int, seed: int,
-                 resize_mode: ResizeMode = "square") -> None:
+                 resize_mode: ResizeMode = "square", cache: ImageCache | None = None) -> None:
         self.root = Path(root)
         self.records = list(records)
         self.train, self.resize, self.crop, self.seed = train, resize, crop, seed
         self.resize_mode = resize_mode  # of training images; evaluation always resizes to crop x crop
+        self.cache = cache
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -96,7 +102,9 @@ class FolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        if self.train:  # decoded at the detail the crop keeps, only the crop resampled (decode.py)
+        if self.cache is not None:
+            image, geometry = self._cached(self.root / record.image_id, index)
+        elif self.train:  # decoded at the detail the crop keeps, only the crop resampled (decode.py)
             generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
             image, geometry = decode_train_crop(
                 self.root / record.image_id,
@@ -112,6 +120,16 @@ class FolderDataset(Dataset):
         if record.mask_paths:
             sample["mask"] = torch.from_numpy(self._mask(record, geometry))
         return sample
+
+    def _cached(self, path: Path, index: int):
+        """(image, geometry) from the image resized once: train crops and flips it, eval takes it whole."""
+        if not self.train:
+            pixels, width, height = self.cache.resized(path, self.crop, "square")
+            return torch.from_numpy(pixels), eval_geometry(width, height, self.crop)
+        pixels, width, height = self.cache.resized(path, self.resize, self.resize_mode)
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+        geometry = train_geometry(width, height, self.resize, self.crop, generator, self.resize_mode)
+        return crop_and_flip(pixels, geometry.offset_x, geometry.offset_y, self.crop, geometry.flip), geometry
 
     def _mask(self, record, geometry) -> np.ndarray:
         """1 object (any instance), 255 ignored (ignore box minus objects), 0 background; as wsolevaluation."""

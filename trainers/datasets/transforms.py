@@ -68,11 +68,16 @@ def train_geometry(width: int, height: int, resize: int, crop: int, generator: t
     return Geometry(width, height, resize_width, resize_height, offset_x, offset_y, flip, crop)
 
 
-def apply_geometry(image: Tensor, geometry: Geometry) -> Tensor:
-    """A (3, H, W) uint8 image resized, cropped and flipped as `geometry` says."""
+def resize_image(image: Tensor, width: int, height: int) -> Tensor:
+    """A (3, H, W) uint8 image resized to (3, height, width): torchvision's bilinear, antialiased."""
     from torchvision.transforms.v2.functional import resize  # torchvision takes ~2 s to import: only here
 
-    out = resize(image, [geometry.resize_height, geometry.resize_width], antialias=True)
+    return resize(image, [height, width], antialias=True)
+
+
+def apply_geometry(image: Tensor, geometry: Geometry) -> Tensor:
+    """A (3, H, W) uint8 image resized, cropped and flipped as `geometry` says."""
+    out = resize_image(image, geometry.resize_width, geometry.resize_height)
     if (geometry.resize_width, geometry.resize_height) != (geometry.size, geometry.size):
         top, left, size = geometry.offset_y, geometry.offset_x, geometry.size
         out = out[:, top:top + size, left:left + size]
