@@ -18,6 +18,9 @@ DataLoader worker's setting) runs, image by image:
 - floors: a bare full decode (torchvision.io) and a bare decode at the scale `draft` picks, the least
   a core must spend on each photo when it decodes it.
 
+Then the training batches as the engine reads them (trainers.datasets.sources.FolderSource: a
+DataLoader with one worker process, batches of 64) without and with the cache.
+
 The geometry (crop offsets, flips, mapped boxes) of every train pipeline is checked identical; the
 cache's train and eval images are checked equal to the full-decode pipelines' to the bit, and
 decode_train_crop's largest pixel difference from them is printed. The cache's entries sit in the
@@ -26,6 +29,7 @@ page cache here (a node's disk: a few GB/s of reads, tens of thousands of entrie
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -174,6 +178,29 @@ def compare(paths, resize, crop, folder: Path) -> str:
             f"mean {total / len(paths) / 2:.2f}")
 
 
+def loader_rates(paths: list[Path], resize: int, crop: int, folder: Path, images: int = 2000) -> dict[str, float]:
+    """Images/s of the training split's batches through the DataLoader (FolderSource: one worker
+    process, batches of 64, the collate included), as the engine reads them, without and with the
+    cache (filled beforehand), over copies of the photos up to `images` (the worker starts once)."""
+    from trainers.datasets.metadata import ImageRecord
+    from trainers.datasets.sources import FolderDataset, FolderSource
+
+    root = Path(os.path.commonpath(paths))
+    records = [ImageRecord(str(p.relative_to(root)), 0, None) for p in paths] * -(-images // len(paths))
+    rates = {}
+    for label, cache in [("data.cache: false", None), ("data.cache: true", ImageCache(folder))]:
+        source = FolderSource("train", FolderDataset(root, records, train=True, resize=resize, crop=crop, seed=0,
+                                                     cache=cache), workers=1, pin_memory=False)
+        indices = torch.arange(len(records))
+        if cache is not None:  # every entry written: the later epochs' rate
+            for path in paths:
+                cache.resized(path, resize)
+        start = time.perf_counter()
+        count = sum(len(batch.labels) for batch in source.batches(indices, 64, train=True, epoch=0, seed=0))
+        rates[label] = count / (time.perf_counter() - start)
+    return rates
+
+
 def gpu_rate(paths, resize: int, batch: int = 64) -> float:
     """Images/s of torchvision.io.decode_jpeg on the GPU (nvjpeg) plus a resize there, files in memory."""
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
@@ -220,6 +247,11 @@ def main() -> None:
                 print(f"| {name} ({sizes[name][0]}x{sizes[name][1]}) | {label} | {value:.0f} | {value / rates[TODAY]:.2f}x |")
         for number, (name, paths) in enumerate(sets.items()):
             print(f"{name}: {compare(paths, args.resize, args.crop, Path(folder) / f'compare{number}')}")
+        for number, (name, paths) in enumerate(sets.items()):
+            rates = loader_rates(paths, args.resize, args.crop, Path(folder) / f"loader{number}")
+            print(f"{name}, through the DataLoader (one worker, batches of 64): " + ", ".join(
+                f"{label} {value:.0f} images/s" for label, value in rates.items())
+                + f" ({rates['data.cache: true'] / rates['data.cache: false']:.2f}x)")
         if args.gpu_decode:
             for name, paths in sets.items():
                 print(f"{name}: nvjpeg on the GPU, batches of 64, decode + resize: {gpu_rate(paths, args.resize):.0f} images/s")
