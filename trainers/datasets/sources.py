@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainers.datasets.cache import ImageCache, crop_and_flip
 from trainers.datasets.decode import decode_rgb, decode_train_crop
@@ -100,12 +100,14 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        """The sample at a position, drawn for `self.epoch`, or at (epoch, position)."""
+        epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
         record = self.records[index]
         if self.cache is not None:
-            image, geometry = self._cached(self.root / record.image_id, index)
+            image, geometry = self._cached(self.root / record.image_id, epoch, index)
         elif self.train:  # decoded at the detail the crop keeps, only the crop resampled (decode.py)
-            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
             image, geometry = decode_train_crop(
                 self.root / record.image_id,
                 lambda width, height: train_geometry(width, height, self.resize, self.crop, generator, self.resize_mode),
@@ -121,13 +123,13 @@ class FolderDataset(Dataset):
             sample["mask"] = torch.from_numpy(self._mask(record, geometry))
         return sample
 
-    def _cached(self, path: Path, index: int):
+    def _cached(self, path: Path, epoch: int, index: int):
         """(image, geometry) from the image resized once: train crops and flips it, eval takes it whole."""
         if not self.train:
             pixels, width, height = self.cache.resized(path, self.crop, "square")
             return torch.from_numpy(pixels), eval_geometry(width, height, self.crop)
         pixels, width, height = self.cache.resized(path, self.resize, self.resize_mode)
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
         geometry = train_geometry(width, height, self.resize, self.crop, generator, self.resize_mode)
         return crop_and_flip(pixels, geometry.offset_x, geometry.offset_y, self.crop, geometry.flip), geometry
 
@@ -154,21 +156,47 @@ def collate(samples: list[dict]) -> Batch:
                  torch.tensor([s["index"] for s in samples]), boxes, masks)
 
 
+class _Positions(Sampler):
+    """The (epoch, position) items of the current pass, set before each pass (read in this process)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, int]] = []
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 class FolderSource(SplitSource):
-    """A split of image files; decoded and transformed in DataLoader worker processes."""
+    """A split of image files; decoded and transformed in DataLoader worker processes.
+
+    Training keeps its workers from one epoch to the next (each item carries its epoch, so they
+    need nothing else from this process): no fork of the training process per epoch. Evaluation
+    starts its workers for the pass only, as they would sit idle between validations.
+    """
 
     def __init__(self, name: str, dataset: FolderDataset, workers: int, pin_memory: bool) -> None:
         self.name = name
         self.dataset = dataset
         self.workers, self.pin_memory = workers, pin_memory
+        self._positions = _Positions()
+        self._train_loader: DataLoader | None = None
         self.image_ids = [r.image_id for r in dataset.records]
         self.labels = torch.tensor([r.label for r in dataset.records], dtype=torch.long)
         self.has_boxes = all(r.boxes for r in dataset.records) and bool(dataset.records)
         self.has_masks = all(r.mask_paths for r in dataset.records) and bool(dataset.records)
 
     def batches(self, indices: Tensor, batch_size: int, *, train: bool, epoch: int, seed: int) -> Iterator[Batch]:
-        self.dataset.epoch = epoch  # read by the workers, which start after this
-        loader = DataLoader(Subset(self.dataset, indices.tolist()), batch_size=batch_size, shuffle=False,
-                            num_workers=self.workers, collate_fn=collate, pin_memory=self.pin_memory,
-                            persistent_workers=False)
-        yield from loader
+        items = [(epoch, index) for index in indices.tolist()]
+        if not train:
+            yield from DataLoader(self.dataset, batch_size=batch_size, sampler=items, num_workers=self.workers,
+                                  collate_fn=collate, pin_memory=self.pin_memory)
+            return
+        if self._train_loader is None or self._train_loader.batch_size != batch_size:
+            self._train_loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self._positions,
+                                            num_workers=self.workers, collate_fn=collate, pin_memory=self.pin_memory,
+                                            persistent_workers=self.workers > 0)
+        self._positions.items = items
+        yield from self._train_loader
