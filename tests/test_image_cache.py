@@ -199,6 +199,120 @@ def test_the_folder_is_the_configured_one_else_the_environments_else_the_users_c
     assert cache_folder(None) == tmp_path / "home/.cache/has-sweep/images"
 
 
+def test_a_file_replaced_with_its_old_size_and_mtime_is_a_new_entry(tmp_path):
+    # cp -p, rsync -a and tar keep the modification time: the inode and change time still differ.
+    first, second = [p for p in sorted(PHOTOS.glob("*-images/*.jpg")) if p.stat().st_size > 20_000][:2]
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(first.read_bytes()[:20_000])
+    cache = ImageCache(tmp_path / "cache")
+    stat = path.stat()
+    replacement = tmp_path / "new.jpg"
+    replacement.write_bytes(second.read_bytes()[:20_000])  # the same size
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    key_before = cache._entry(path, stat, 64, "square")
+    os.replace(replacement, path)
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert cache._entry(path, path.stat(), 64, "square") != key_before
+
+
+def test_a_symlinked_or_relative_path_finds_the_same_entry(tmp_path, monkeypatch):
+    link = tmp_path / "data"
+    link.symlink_to(PHOTOS)
+    path = photos()[0]
+    cache = ImageCache(tmp_path / "cache")
+    cache.resized(path, 64)
+    monkeypatch.chdir(PHOTOS.parent)
+    cache.resized(link / path.relative_to(PHOTOS), 64)
+    cache.resized(Path(PHOTOS.name) / path.relative_to(PHOTOS), 64)
+    assert (cache.misses, cache.hits) == (1, 2) and len(entries(tmp_path / "cache")) == 1
+
+
+def test_another_decoder_or_torchvision_is_a_miss(tmp_path, monkeypatch):
+    path = photos()[0]
+    ImageCache(tmp_path).resized(path, 64)
+    monkeypatch.setattr(decode, "decoder_name", lambda: "pillow 99 libjpeg-turbo 9")
+    cache = ImageCache(tmp_path)
+    cache.resized(path, 64)
+    assert cache.misses == 1 and len(entries(tmp_path)) == 2
+
+
+def test_an_entry_of_the_right_length_without_the_magic_is_a_miss(tmp_path):
+    cache = ImageCache(tmp_path)
+    path = photos()[0]
+    expected, _, _ = cache.resized(path, 64)
+    (entry,) = entries(tmp_path)
+    data = bytearray(entry.read_bytes())
+    data[0] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    again = ImageCache(tmp_path)
+    assert np.array_equal(again.resized(path, 64)[0], expected) and again.misses == 1
+    assert entry.read_bytes()[:4] == np.array([cache_module.MAGIC], dtype="<u4").tobytes()
+
+
+class _Disk:
+    """os.statvfs's answer for a disk of `total` bytes with `free` left (4 KiB blocks)."""
+
+    def __init__(self, total: int, free: int) -> None:
+        self.f_frsize, self.f_blocks, self.f_bavail = 4096, total // 4096, free // 4096
+
+
+def test_the_reserve_is_10_percent_of_the_disk_or_2_gib_counting_the_entry(tmp_path, monkeypatch):
+    path = photos()[0]
+    entry = HEADER + 3 * 64 * 64
+    for total, reserve in [(100 << 30, 10 << 30), (10 << 30, 2 << 30)]:  # 10% of 100 GiB; 2 GiB of 10 GiB
+        enough = -(-(reserve + entry) // 4096) * 4096  # in whole blocks
+        for free, kept in [(enough, True), (enough - 4096, False)]:
+            folder = tmp_path / f"{total}-{free}"
+            monkeypatch.setattr(cache_module.os, "statvfs", lambda _, disk=_Disk(total, free): disk)
+            cache = ImageCache(folder)
+            cache.resized(path, 64)
+            assert (len(entries(folder)) == 1) == kept and cache.writing == kept, (total, free)
+
+
+def test_a_failed_write_leaves_no_temporary(tmp_path, monkeypatch, capfd):
+    def refuse(source, target):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(cache_module.os, "replace", refuse)
+    cache = ImageCache(tmp_path)
+    cache.resized(photos()[0], 64)
+    assert list(tmp_path.rglob("*.img*")) == [] and not cache.writing
+    assert "No space left on device" in capfd.readouterr().err
+
+
+def test_a_16_bit_png_is_kept_once_with_pillows_8_bit_pixels(tmp_path):
+    import cv2
+
+    path = tmp_path / "deep.png"
+    cv2.imwrite(str(path), np.random.default_rng(0).integers(0, 65535, (40, 50, 3)).astype(np.uint16))
+    cache = ImageCache(tmp_path / "cache")
+    for _ in range(2):
+        pixels, width, height = cache.resized(path, 32)
+    expected = apply_geometry(decode.decode_rgb_pillow(path), eval_geometry(width, height, 32))
+    assert torch.equal(torch.from_numpy(pixels), expected) and (cache.misses, cache.hits) == (1, 1)
+
+
+def test_the_dataset_crops_shorter_side_images_from_the_cache(tmp_path):
+    paths = photos()
+    records = [ImageRecord(str(p.relative_to(PHOTOS)), 0, None, ((5, 6, 70, 80),)) for p in paths]
+    cached = FolderDataset(PHOTOS, records, train=True, resize=80, crop=64, seed=2, resize_mode="shorter_side",
+                           cache=ImageCache(tmp_path))
+    for index, path in enumerate(paths):
+        sample = cached[index]
+        image = decode_rgb(path)
+        geometry = train_geometry(image.shape[2], image.shape[1], 80, 64,
+                                  torch.Generator().manual_seed(sample_seed(2, 0, index)), "shorter_side")
+        assert torch.equal(sample["image"], apply_geometry(image, geometry))
+        assert np.array_equal(sample["boxes"], geometry.map_boxes(np.array([(5, 6, 70, 80)])))
+
+
+def test_stale_temporaries_are_removed_fresh_ones_kept(tmp_path):
+    old, fresh = tmp_path / "ab" / ".abcd.img.12.ff", tmp_path / "ab" / ".abce.img.13.ee"
+    old.parent.mkdir()
+    old.write_bytes(b"half"), fresh.write_bytes(b"half")
+    os.utime(old, (1, 1))
+    assert cache_module.remove_stale_temporaries(tmp_path) == 1 and not old.exists() and fresh.exists()
+
+
 # ---------------------------------------------------------------- python -m trainers.datasets cache
 
 
@@ -230,10 +344,10 @@ def test_the_cache_command_fills_what_training_reads_and_only_once(tmp_path, mon
     first = cli(*args)
     assert first.returncode == 0, first.stderr
     assert first.stdout == (f"image cache {folder}: 6 images of train, val, test: 6 decoded and kept, 0 already "
-                            f"there, 0 failed; {size:.1f} MiB for this dataset\n")
+                            f"there, 0 not kept, 0 failed; {size:.1f} MiB for this dataset\n")
     assert "caching 6/6" in first.stderr and len(entries(folder)) == 6
     again = cli(*args)
-    assert again.returncode == 0 and "0 decoded and kept, 6 already there, 0 failed" in again.stdout
+    assert again.returncode == 0 and "0 decoded and kept, 6 already there, 0 not kept, 0 failed" in again.stdout
 
     def no_decoding(path):
         raise AssertionError(f"{path} decoded again")
@@ -246,6 +360,19 @@ def test_the_cache_command_fills_what_training_reads_and_only_once(tmp_path, mon
                                 cache=cache)
         assert [dataset[k]["image"].shape for k in range(2)] == [(3, 48, 48)] * 2
     assert (cache.misses, cache.hits) == (0, 6)
+
+
+def test_the_cache_command_says_what_it_could_not_keep_and_fails(tmp_path, monkeypatch, capfd):
+    monkeypatch.setattr(cache_module, "MIN_RESERVE", 1 << 60)  # no disk is that large: nothing fits
+    jobs = [(str(p), 48, "square") for p in photos()]
+    results = cache_module.fill_cache(tmp_path, jobs, workers=1)
+    assert sorted(kind for kind, _ in results.values()) == ["not kept"] * 6 and entries(tmp_path) == []
+    assert capfd.readouterr().err.count("image cache") == 1  # said once, the rest skipped
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    result = cli("cache", str(small_dataset(tmp_path / "data")), "--cache-dir", str(blocked / "cache"))
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert f"--cache-dir: cannot write the image cache at {blocked / 'cache'}" in result.stderr
 
 
 def test_the_cache_commands_defaults_are_the_runs():

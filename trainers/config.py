@@ -38,9 +38,10 @@ class DataConfig:
     batch_size: int = 128
     workers: int = 2  # DataLoader processes for folder datasets
     cache: bool = True  # folder datasets: each image decoded and resized once per node, kept on its disk
-    #   (trainers/datasets/cache.py; every pixel as without it); False: decoded every epoch, large photos
-    #   at a reduced scale (trainers/datasets/decode.py)
-    cache_dir: str | None = None  # where, on each node: default $HAS_SWEEP_CACHE, else ~/.cache/has-sweep/images
+    #   (trainers/datasets/cache.py; the pixels of a full decode and resize, to the bit); False: decoded
+    #   every epoch, large photos at a reduced scale (trainers/datasets/decode.py; pixels within rounding)
+    cache_dir: str | None = None  # where, on each node: default $HAS_SWEEP_CACHE, else
+    #   $XDG_CACHE_HOME/has-sweep/images or ~/.cache/has-sweep/images
     strict: bool = True  # bad metadata lines refuse training; False skips those images and says how many
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
 

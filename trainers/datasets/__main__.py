@@ -60,7 +60,8 @@ def _parser() -> _Parser:
     cache.add_argument("--resize", choices=["square", "shorter_side"], default="square",
                        help="data.resize (default square)")
     cache.add_argument("--crop-size", type=int, default=224, help="data.crop_size (default 224)")
-    cache.add_argument("--cache-dir", help="data.cache_dir (default $HAS_SWEEP_CACHE, else ~/.cache/has-sweep/images)")
+    cache.add_argument("--cache-dir", help="data.cache_dir (default $HAS_SWEEP_CACHE, else $XDG_CACHE_HOME/has-sweep/images "
+                            "or ~/.cache/has-sweep/images)")
     cache.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                        help="processes (default: every core of this machine)")
     cache.set_defaults(run=_cache)
@@ -131,26 +132,35 @@ def _cache(args: argparse.Namespace) -> int:
     if args.workers < 1:
         return _fail("cache", f"--workers: {args.workers} is not allowed; an integer >= 1")
 
-    from trainers.datasets.cache import cache_folder, fill_cache
+    from trainers.datasets.cache import ImageCache, cache_folder, fill_cache, remove_stale_temporaries
     from trainers.datasets.check import check_dataset
 
+    folder = cache_folder(args.cache_dir)
+    try:
+        ImageCache(folder).prepare()
+    except OSError as error:
+        return _fail("cache", f"--cache-dir: cannot write the image cache at {folder} ({error})")
     report = check_dataset(root, metadata, splits, decode=False)
     if report.problems:
         print(f"{report.summary()}: those images are left out (`{PROG} check {root}` lists them)", file=sys.stderr)
     jobs = sorted({(str(root / record.image_id), args.resize_size, args.resize) if split == "train"
                    else (str(root / record.image_id), args.crop_size, "square")
                    for split in report.splits for record in report.records(split)})
-    folder = cache_folder(args.cache_dir)
+    stale = remove_stale_temporaries(folder)
     results = fill_cache(folder, jobs, args.workers, progress=lambda done, total: _show_progress(done, total, "caching"))
     failed = sorted(f"{path}: {found}" for (path, _, _), found in results.items() if isinstance(found, str))
     done = [found for found in results.values() if not isinstance(found, str)]
-    decoded = sum(kind == "decoded" for kind, _ in done)
+    counts = {kind: sum(k == kind for k, _ in done) for kind in ("decoded", "already there", "not kept")}
     if failed:
         print("\n".join(failed), file=sys.stderr)
-    print(f"image cache {folder}: {len(jobs)} images of {', '.join(report.splits)}: {decoded} decoded and kept, "
-          f"{len(done) - decoded} already there, {len(failed)} failed; "
-          f"{sum(size for _, size in done) / 2**20:.1f} MiB for this dataset")
-    return 1 if failed else 0
+    print(f"image cache {folder}: {len(jobs)} images of {', '.join(report.splits)}: {counts['decoded']} decoded "
+          f"and kept, {counts['already there']} already there, {counts['not kept']} not kept, {len(failed)} "
+          f"failed; {sum(size for kind, size in done if kind != 'not kept') / 2**20:.1f} MiB for this dataset"
+          + (f"; {stale} stale temporaries removed" if stale else ""))
+    if counts["not kept"]:
+        print(f"{counts['not kept']} images not kept: the disk of {folder} is (nearly) full or not writable "
+              "(the lines above say which); training decodes them each time", file=sys.stderr)
+    return 1 if failed or counts["not kept"] else 0
 
 
 def _show_progress(done: int, total: int, doing: str = "decoding") -> None:

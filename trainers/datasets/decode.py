@@ -59,7 +59,7 @@ def decode_train_crop(path: Path, draw: Callable[[int, int], Geometry]) -> tuple
 
 
 def decode_rgb(path: Path) -> Tensor:
-    """A (3, H, W) uint8 RGB image from a JPEG or PNG file (grey and RGBA become RGB).
+    """A (3, H, W) uint8 RGB image from a JPEG or PNG file (grey and RGBA become RGB, 16-bit PNGs 8-bit).
 
     torchvision's decoder while torchvision has it (deprecated since 0.29, to be removed), else
     Pillow's: both are libjpeg-turbo with the same settings, identical pixels on every voc-animals
@@ -98,7 +98,10 @@ def _torchvision_decoder() -> Callable[[Path], Tensor] | None:
         return None
 
     def decode(path: Path) -> Tensor:
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        if image.dtype == torch.uint16:  # a 16-bit PNG: its high bytes, as Pillow's conversion to RGB
+            image = (image.to(torch.int32) >> 8).to(torch.uint8)
+        return image
     return decode
 
 
