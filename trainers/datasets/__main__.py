@@ -84,20 +84,30 @@ def _convert_voc(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check(args: argparse.Namespace) -> int:
+def _dataset_arguments(args: argparse.Namespace):
+    """(images root, metadata root, splits) from ROOT, --metadata, --splits (and --workers checked),
+    or the message saying which argument is wrong."""
     from pathlib import Path
 
     root = Path(args.root)
     metadata = Path(args.metadata) if args.metadata else root / "metadata"
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     if not root.is_dir():
-        return _fail("check", f"ROOT: {root} is not a folder; give the images root")
+        return f"ROOT: {root} is not a folder; give the images root"
     if not metadata.is_dir():
-        return _fail("check", f"--metadata: {metadata} is not a folder; give the folder holding train/ val/ test/")
+        return f"--metadata: {metadata} is not a folder; give the folder holding train/ val/ test/"
     if not splits or any(s not in SPLIT_NAMES for s in splits):
-        return _fail("check", f"--splits: {args.splits!r} is not allowed; names among {','.join(SPLIT_NAMES)}")
+        return f"--splits: {args.splits!r} is not allowed; names among {','.join(SPLIT_NAMES)}"
     if args.workers < 1:
-        return _fail("check", f"--workers: {args.workers} is not allowed; an integer >= 1")
+        return f"--workers: {args.workers} is not allowed; an integer >= 1"
+    return root, metadata, splits
+
+
+def _check(args: argparse.Namespace) -> int:
+    found = _dataset_arguments(args)
+    if isinstance(found, str):
+        return _fail("check", found)
+    root, metadata, splits = found
 
     from trainers.datasets.check import DatasetError, check_dataset, require_clean
 
@@ -115,22 +125,13 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    root = Path(args.root)
-    metadata = Path(args.metadata) if args.metadata else root / "metadata"
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    if not root.is_dir():
-        return _fail("cache", f"ROOT: {root} is not a folder; give the images root")
-    if not metadata.is_dir():
-        return _fail("cache", f"--metadata: {metadata} is not a folder; give the folder holding train/ val/ test/")
-    if not splits or any(s not in SPLIT_NAMES for s in splits):
-        return _fail("cache", f"--splits: {args.splits!r} is not allowed; names among {','.join(SPLIT_NAMES)}")
+    found = _dataset_arguments(args)
+    if isinstance(found, str):
+        return _fail("cache", found)
+    root, metadata, splits = found
     if not 8 <= args.crop_size <= args.resize_size:
         return _fail("cache", f"--crop-size {args.crop_size} / --resize-size {args.resize_size}: "
                               "need 8 <= crop size <= resize size")
-    if args.workers < 1:
-        return _fail("cache", f"--workers: {args.workers} is not allowed; an integer >= 1")
 
     from trainers.datasets.cache import ImageCache, cache_folder, fill_cache, remove_stale_temporaries
     from trainers.datasets.check import check_dataset

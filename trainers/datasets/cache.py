@@ -84,7 +84,7 @@ class ImageCache:
         try:
             stat = os.stat(path)
         except OSError as error:
-            raise RuntimeError(f"{path}: cannot decode the image ({error}); run `python -m trainers.datasets check`") from None
+            raise decode.undecodable(path, error) from None
         entry = self._entry(path, stat, side, mode)
         found = self._read(entry)
         if found is not None:

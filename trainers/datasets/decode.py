@@ -51,7 +51,7 @@ def decode_train_crop(path: Path, draw: Callable[[int, int], Geometry]) -> tuple
             box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
             crop = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise RuntimeError(f"{path}: cannot decode the image ({error}); run `python -m trainers.datasets check`") from None
+        raise undecodable(path, error) from None
     pixels = np.asarray(crop)
     if geometry.flip:
         pixels = pixels[:, ::-1]
@@ -70,7 +70,12 @@ def decode_rgb(path: Path) -> Tensor:
             return _torchvision_decode(path)
         return decode_rgb_pillow(path)
     except (RuntimeError, OSError, ValueError, Image.DecompressionBombError) as error:
-        raise RuntimeError(f"{path}: cannot decode the image ({error}); run `python -m trainers.datasets check`") from None
+        raise undecodable(path, error) from None
+
+
+def undecodable(path: Path, error: Exception) -> RuntimeError:
+    """The one error of an image that cannot be read or decoded: the file, the reason, the check to run."""
+    return RuntimeError(f"{path}: cannot decode the image ({error}); run `python -m trainers.datasets check`")
 
 
 def decoder_name() -> str:

@@ -6,7 +6,7 @@ position): the same batches come out whatever the worker count, and after a resu
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainers.datasets.cache import ImageCache, crop_and_flip
 from trainers.datasets.decode import decode_rgb, decode_train_crop
-from trainers.datasets.transforms import (ResizeMode, apply_geometry, eval_geometry, map_mask, sample_seed,
+from trainers.datasets.transforms import (Geometry, ResizeMode, apply_geometry, eval_geometry, map_mask, sample_seed,
                                           train_geometry)
 
 
@@ -107,11 +107,7 @@ class FolderDataset(Dataset):
         if self.cache is not None:
             image, geometry = self._cached(self.root / record.image_id, epoch, index)
         elif self.train:  # decoded at the detail the crop keeps, only the crop resampled (decode.py)
-            generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
-            image, geometry = decode_train_crop(
-                self.root / record.image_id,
-                lambda width, height: train_geometry(width, height, self.resize, self.crop, generator, self.resize_mode),
-            )
+            image, geometry = decode_train_crop(self.root / record.image_id, self._train_draw(epoch, index))
         else:
             image = decode_rgb(self.root / record.image_id)
             geometry = eval_geometry(image.shape[2], image.shape[1], self.crop)
@@ -123,14 +119,19 @@ class FolderDataset(Dataset):
             sample["mask"] = torch.from_numpy(self._mask(record, geometry))
         return sample
 
+    def _train_draw(self, epoch: int, index: int) -> Callable[[int, int], Geometry]:
+        """The train geometry of (epoch, position) for an image's (width, height): crop and flip drawn
+        from their own seed, whichever path decodes the image."""
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+        return lambda width, height: train_geometry(width, height, self.resize, self.crop, generator, self.resize_mode)
+
     def _cached(self, path: Path, epoch: int, index: int):
         """(image, geometry) from the image resized once: train crops and flips it, eval takes it whole."""
         if not self.train:
             pixels, width, height = self.cache.resized(path, self.crop, "square")
             return torch.from_numpy(pixels), eval_geometry(width, height, self.crop)
         pixels, width, height = self.cache.resized(path, self.resize, self.resize_mode)
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
-        geometry = train_geometry(width, height, self.resize, self.crop, generator, self.resize_mode)
+        geometry = self._train_draw(epoch, index)(width, height)
         return crop_and_flip(pixels, geometry.offset_x, geometry.offset_y, self.crop, geometry.flip), geometry
 
     def _mask(self, record, geometry) -> np.ndarray:
